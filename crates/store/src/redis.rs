@@ -1,0 +1,623 @@
+//! Redis, standalone and Cluster (redis-rs).
+//!
+//! Layout in Redis (all of it private to this module):
+//! - versioned value: string `v:{key}` = `"{version}:{payload}"`;
+//! - field map: hash `m:{key}`, the meta field `""` holds the map's version,
+//!   every other field `"{version}:{payload}"`. One key per map, so all of a
+//!   map's fields live in one Cluster slot and a Lua script patches them
+//!   atomically;
+//! - counter: string `c:{key}` handled by INCRBY.
+//!
+//! Reads are plain commands (GET; HGETALL + PTTL pipelined in one round
+//! trip). Conditional writes are Lua scripts, sent by EVALSHA with a
+//! fallback to EVAL after a restart or failover flushed the script cache.
+//! New versions are `max(old + 1, TIME in µs)` computed inside the script.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, Value};
+
+use crate::backend::{Backend, ttl_millis};
+use crate::error::{Conflict, Result, StoreError, UnavailableKind, redact_url};
+use crate::types::{
+    Condition, Existence, FieldCondition, FieldMap, FieldOp, MapPatch, PatchOutcome, Versioned,
+};
+
+/// A standalone connection manager (reconnects by itself) or a Cluster
+/// connection (follows MOVED/ASK and refreshes its slot map by itself).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The Redis backend.
+pub struct RedisBackend {
+    conn: Conn,
+    name: String,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("store", &self.name)
+            .finish()
+    }
+}
+
+impl RedisBackend {
+    /// Connects to a standalone server: `redis://[user:password@]host:port[/db]`.
+    pub async fn open(url: &str, timeout: Duration) -> Result<Self> {
+        let name = redact_url(url);
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Config(format!("store URL {name:?} is not valid: {e}")))?;
+        // Reconnect fast: the policy layer's breaker and timeout bound what
+        // callers wait; here we only want a returning server to be used again
+        // well within a second.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(100))
+            .set_number_of_retries(2);
+        let manager = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| open_error(&name, &e))?;
+        let backend = RedisBackend {
+            conn: Conn::Single(manager),
+            name,
+        };
+        backend.ping().await?;
+        Ok(backend)
+    }
+
+    /// Connects to a Cluster: `redis+cluster://host:port[,host:port...]`
+    /// (any subset of the nodes; the rest is discovered).
+    pub async fn open_cluster(url: &str, timeout: Duration) -> Result<Self> {
+        let name = redact_url(url);
+        let rest = url
+            .strip_prefix("redis+cluster://")
+            .ok_or_else(|| StoreError::Config(format!("{name:?} is not a redis+cluster:// URL")))?;
+        let (userinfo, hosts) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let nodes: Vec<String> = hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| match userinfo {
+                Some(u) => format!("redis://{u}@{h}"),
+                None => format!("redis://{h}"),
+            })
+            .collect();
+        if nodes.is_empty() {
+            return Err(StoreError::Config(format!(
+                "store URL {name:?} names no cluster node"
+            )));
+        }
+        let client = ClusterClientBuilder::new(nodes)
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(3)
+            .min_retry_wait(10)
+            .max_retry_wait(200)
+            .build()
+            .map_err(|e| StoreError::Config(format!("store URL {name:?}: {e}")))?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| open_error(&name, &e))?;
+        let backend = RedisBackend {
+            conn: Conn::Cluster(conn),
+            name,
+        };
+        backend.ping().await?;
+        Ok(backend)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let pong: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| open_error(&self.name, &e))?;
+        if pong != "PONG" {
+            return Err(StoreError::Config(format!(
+                "store {}: PING answered {pong:?}",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn error(&self, key: &str, e: RedisError) -> StoreError {
+        map_error(&self.name, key, &e)
+    }
+}
+
+fn open_error(name: &str, e: &RedisError) -> StoreError {
+    let what = match e.kind() {
+        ErrorKind::AuthenticationFailed => "authentication failed",
+        _ if e.is_connection_refusal() => "connection refused",
+        _ if e.is_timeout() => "timed out",
+        _ => "could not connect",
+    };
+    StoreError::Config(format!("store {name}: {what} ({e})"))
+}
+
+fn map_error(name: &str, key: &str, e: &RedisError) -> StoreError {
+    if e.is_timeout() {
+        return StoreError::unavailable(name, UnavailableKind::Timeout, e);
+    }
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(e.kind(), ErrorKind::ClusterConnectionNotFound | ErrorKind::Io)
+    {
+        return StoreError::unavailable(name, UnavailableKind::Connection, e);
+    }
+    let code = e.code().unwrap_or("");
+    let text = e.to_string();
+    // Our scripts raise `CORRUPT ...` when a stored value lacks its version.
+    if code == "CORRUPT" || text.contains("CORRUPT") {
+        return StoreError::corrupt(name, key, text);
+    }
+    if text.contains("NOTINT") {
+        return StoreError::Invalid(format!("key {key:?}: value is not an integer"));
+    }
+    // A failover or a cluster being resharded is a passing unavailability,
+    // not a broken request.
+    if matches!(
+        code,
+        "LOADING" | "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "BUSY"
+    ) || e.is_cluster_error()
+    {
+        return StoreError::unavailable(name, UnavailableKind::Connection, e);
+    }
+    if matches!(code, "WRONGTYPE") || text.contains("not an integer") {
+        return StoreError::Invalid(format!("key {key:?}: {text}"));
+    }
+    StoreError::backend(name, e)
+}
+
+fn vkey(key: &str) -> String {
+    format!("v:{key}")
+}
+fn mkey(key: &str) -> String {
+    format!("m:{key}")
+}
+fn ckey(key: &str) -> String {
+    format!("c:{key}")
+}
+
+/// Splits `"{version}:{payload}"`.
+fn decode_versioned(raw: &[u8]) -> Option<Versioned> {
+    let colon = raw.iter().position(|&b| b == b':')?;
+    let version = std::str::from_utf8(&raw[..colon]).ok()?.parse().ok()?;
+    Some(Versioned {
+        value: Bytes::copy_from_slice(&raw[colon + 1..]),
+        version,
+    })
+}
+
+// Shared Lua helpers, prepended to every script that parses stored values.
+const LUA_PRELUDE: &str = r#"
+local function split(raw)
+  local i = string.find(raw, ':', 1, true)
+  local v = i and tonumber(string.sub(raw, 1, i - 1))
+  if not v then error('CORRUPT stored value has no version prefix') end
+  return v, string.sub(raw, i + 1)
+end
+local function next_version(prev)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return math.max(prev + 1, now)
+end
+"#;
+
+/// KEYS[1] key; ARGV: mode ('any'|'absent'|'version'), expected version,
+/// ttl ms (0 = none), payload. Returns {status, version}: 0 ok, -1 exists,
+/// -2 not found, -3 version mismatch.
+const PUT_LUA: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local curver = 0
+if cur then curver = split(cur) end
+local mode = ARGV[1]
+if mode == 'absent' and cur then return {-1, 0} end
+if mode == 'version' then
+  if not cur then return {-2, 0} end
+  if curver ~= tonumber(ARGV[2]) then return {-3, 0} end
+end
+local ver = next_version(curver)
+local val = string.format('%d', ver) .. ':' .. ARGV[4]
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then redis.call('SET', KEYS[1], val, 'PX', ttl) else redis.call('SET', KEYS[1], val) end
+return {0, ver}
+"#;
+
+/// KEYS[1] key; ARGV[1] expected version. Returns 1 deleted, -2 not found,
+/// -3 mismatch.
+const DELETE_IF_VERSION_LUA: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return -2 end
+if split(cur) ~= tonumber(ARGV[1]) then return -3 end
+redis.call('DEL', KEYS[1])
+return 1
+"#;
+
+/// KEYS[1] map key. ARGV: ttl ms (0 keeps), existence ('any'|'exist'|'new'),
+/// ncond, ncond × (field, 'a'|'v', version), nops, nops × (op 's'|'d'|'i',
+/// field, payload-or-delta). Returns {0, version, counters...} or
+/// {-1} exists, {-2} not found, {-3, cond index} mismatch, {-4, op index}
+/// not an integer.
+const PATCH_LUA: &str = r#"
+local k = KEYS[1]
+local exists = redis.call('EXISTS', k) == 1
+local ex = ARGV[2]
+if ex == 'exist' and not exists then return {-2} end
+if ex == 'new' and exists then return {-1} end
+local idx = 4
+for c = 1, tonumber(ARGV[3]) do
+  local f, kind, want = ARGV[idx], ARGV[idx + 1], ARGV[idx + 2]
+  idx = idx + 3
+  local raw = redis.call('HGET', k, f)
+  if kind == 'a' then
+    if raw then return {-3, c} end
+  else
+    if not raw or split(raw) ~= tonumber(want) then return {-3, c} end
+  end
+end
+local nops = tonumber(ARGV[idx])
+idx = idx + 1
+local first = idx
+-- Pass 1: compute every increment in op order, apply nothing yet.
+local function as_int(payload)
+  if string.match(payload, '^%-?%d+$') and #payload <= 16 then return tonumber(payload) end
+  return false
+end
+local pending = {}
+local counters = {}
+for o = 1, nops do
+  local op, f, arg = ARGV[idx], ARGV[idx + 1], ARGV[idx + 2]
+  idx = idx + 3
+  if op == 's' then
+    pending[f] = as_int(arg)
+  elseif op == 'd' then
+    pending[f] = 0
+  else
+    local base = pending[f]
+    if base == nil then
+      local raw = redis.call('HGET', k, f)
+      if raw then
+        local _, payload = split(raw)
+        base = as_int(payload)
+      else
+        base = 0
+      end
+    end
+    if base == false then return {-4, o} end
+    local n = base + tonumber(arg)
+    if math.abs(n) > 9007199254740991 then return {-4, o} end
+    pending[f] = n
+    table.insert(counters, n)
+  end
+end
+-- Pass 2: apply.
+local seq = tonumber(redis.call('HGET', k, '') or '0') or 0
+local ver = next_version(seq)
+local vs = string.format('%d', ver)
+redis.call('HSET', k, '', vs)
+idx = first
+local ci = 1
+for o = 1, nops do
+  local op, f, arg = ARGV[idx], ARGV[idx + 1], ARGV[idx + 2]
+  idx = idx + 3
+  if op == 's' then
+    redis.call('HSET', k, f, vs .. ':' .. arg)
+  elseif op == 'd' then
+    redis.call('HDEL', k, f)
+  else
+    redis.call('HSET', k, f, vs .. ':' .. string.format('%d', counters[ci]))
+    ci = ci + 1
+  end
+end
+local ttl = tonumber(ARGV[1])
+if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
+local out = {0, ver}
+for _, n in ipairs(counters) do table.insert(out, n) end
+return out
+"#;
+
+/// KEYS[1] counter; ARGV: delta, ttl ms (0 none). TTL only on creation.
+const INCR_LUA: &str = r#"
+local ok, v = pcall(redis.call, 'INCRBY', KEYS[1], ARGV[1])
+if not ok then return redis.error_reply('NOTINT counter is not an integer') end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 and redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return v
+"#;
+
+static PUT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{LUA_PRELUDE}{PUT_LUA}")));
+static DELETE_IF_VERSION: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{LUA_PRELUDE}{DELETE_IF_VERSION_LUA}")));
+static PATCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{LUA_PRELUDE}{PATCH_LUA}")));
+static INCR: LazyLock<Script> = LazyLock::new(|| Script::new(INCR_LUA));
+
+fn ttl_arg(ttl: Option<Duration>) -> i64 {
+    ttl.map_or(0, ttl_millis)
+}
+
+fn status_conflict(status: i64, field: Option<String>) -> StoreError {
+    StoreError::Conflict(match status {
+        -1 => Conflict::AlreadyExists,
+        -2 => Conflict::NotFound,
+        _ => Conflict::VersionMismatch { field },
+    })
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn describe(&self) -> &str {
+        &self.name
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Versioned>> {
+        let mut conn = self.conn.clone();
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(vkey(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        raw.map(|raw| {
+            decode_versioned(&raw)
+                .ok_or_else(|| StoreError::corrupt(&self.name, key, "value has no version prefix"))
+        })
+        .transpose()
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        condition: Condition,
+    ) -> Result<u64> {
+        let (mode, expected) = match condition {
+            Condition::Any => ("any", 0),
+            Condition::IfAbsent => ("absent", 0),
+            Condition::IfVersion(v) => ("version", v),
+        };
+        let mut conn = self.conn.clone();
+        let (status, version): (i64, u64) = PUT
+            .key(vkey(key))
+            .arg(mode)
+            .arg(expected)
+            .arg(ttl_arg(ttl))
+            .arg(value.as_ref())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        match status {
+            0 => Ok(version),
+            s => Err(status_conflict(s, None)),
+        }
+    }
+
+    async fn delete(&self, key: &str, condition: Condition) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        match condition {
+            Condition::IfVersion(v) => {
+                let status: i64 = DELETE_IF_VERSION
+                    .key(vkey(key))
+                    .arg(v)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| self.error(key, e))?;
+                match status {
+                    1 => Ok(true),
+                    s => Err(status_conflict(s, None)),
+                }
+            }
+            _ => {
+                let n: i64 = redis::cmd("DEL")
+                    .arg(vkey(key))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.error(key, e))?;
+                Ok(n > 0)
+            }
+        }
+    }
+
+    async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.pexpire(&vkey(key), key, ttl).await
+    }
+
+    async fn map_read(&self, key: &str) -> Result<Option<FieldMap>> {
+        let mut conn = self.conn.clone();
+        let k = mkey(key);
+        let (raw, pttl): (HashMap<Vec<u8>, Vec<u8>>, i64) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(&k)
+            .cmd("PTTL")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        let corrupt = |why: &str| StoreError::corrupt(&self.name, key, why);
+        let mut map = FieldMap {
+            expires_in: u64::try_from(pttl).ok().map(Duration::from_millis),
+            ..FieldMap::default()
+        };
+        let mut saw_meta = false;
+        for (field, value) in raw {
+            if field.is_empty() {
+                map.version = std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| corrupt("map version is not a number"))?;
+                saw_meta = true;
+                continue;
+            }
+            let name =
+                String::from_utf8(field).map_err(|_| corrupt("field name is not UTF-8"))?;
+            let versioned =
+                decode_versioned(&value).ok_or_else(|| corrupt("field has no version prefix"))?;
+            map.fields.insert(name, versioned);
+        }
+        if !saw_meta {
+            return Err(corrupt("map has no version field"));
+        }
+        Ok(Some(map))
+    }
+
+    async fn map_patch(&self, key: &str, patch: &MapPatch) -> Result<PatchOutcome> {
+        let mut invocation = PATCH.key(mkey(key));
+        invocation
+            .arg(ttl_arg(patch.ttl))
+            .arg(match patch.existence {
+                Existence::Any => "any",
+                Existence::MustExist => "exist",
+                Existence::MustNotExist => "new",
+            })
+            .arg(patch.conditions.len());
+        for (field, condition) in &patch.conditions {
+            match condition {
+                FieldCondition::Absent => invocation.arg(field).arg("a").arg(0),
+                FieldCondition::Version(v) => invocation.arg(field).arg("v").arg(*v),
+            };
+        }
+        invocation.arg(patch.ops.len());
+        for op in &patch.ops {
+            match op {
+                FieldOp::Set(f, value) => invocation.arg("s").arg(f).arg(value.as_ref()),
+                FieldOp::Remove(f) => invocation.arg("d").arg(f).arg(""),
+                FieldOp::Incr(f, delta) => invocation.arg("i").arg(f).arg(*delta),
+            };
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<i64> = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        match reply.as_slice() {
+            [0, version, counters @ ..] => Ok(PatchOutcome {
+                version: *version as u64,
+                counters: counters.to_vec(),
+            }),
+            [-3, index, ..] => {
+                let field = usize::try_from(*index - 1)
+                    .ok()
+                    .and_then(|i| patch.conditions.get(i))
+                    .map(|(f, _)| f.clone());
+                Err(status_conflict(-3, field))
+            }
+            [-4, index, ..] => {
+                let field = usize::try_from(*index - 1)
+                    .ok()
+                    .and_then(|i| patch.ops.get(i))
+                    .map(|op| op.field().to_owned())
+                    .unwrap_or_default();
+                Err(StoreError::Invalid(format!(
+                    "field {field:?} is not an integer (or the result exceeds ±2^53)"
+                )))
+            }
+            [status, ..] if *status < 0 => Err(status_conflict(*status, None)),
+            other => Err(StoreError::backend(
+                &self.name,
+                format!("unexpected patch reply {other:?}"),
+            )),
+        }
+    }
+
+    async fn map_delete(&self, key: &str) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let n: i64 = redis::cmd("DEL")
+            .arg(mkey(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        Ok(n > 0)
+    }
+
+    async fn map_touch(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.pexpire(&mkey(key), key, ttl).await
+    }
+
+    async fn incr(&self, key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64> {
+        let mut conn = self.conn.clone();
+        INCR.key(ckey(key))
+            .arg(delta)
+            .arg(ttl_arg(ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))
+    }
+
+    async fn counter(&self, key: &str) -> Result<Option<i64>> {
+        let mut conn = self.conn.clone();
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(ckey(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        raw.map(|raw| {
+            crate::backend::parse_counter(&raw)
+                .ok_or_else(|| StoreError::corrupt(&self.name, key, "counter is not an integer"))
+        })
+        .transpose()
+    }
+}
+
+impl RedisBackend {
+    async fn pexpire(&self, redis_key: &str, key: &str, ttl: Duration) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let n: i64 = redis::cmd("PEXPIRE")
+            .arg(redis_key)
+            .arg(ttl_millis(ttl))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        Ok(n == 1)
+    }
+}
