@@ -94,7 +94,9 @@ pub(crate) fn check_condition(current: Option<u64>, condition: Condition) -> Res
         (Condition::IfVersion(_), None) => Err(StoreError::Conflict(Conflict::NotFound)),
         (Condition::IfVersion(want), Some(have)) if want == have => Ok(()),
         (Condition::IfVersion(_), Some(_)) => {
-            Err(StoreError::Conflict(Conflict::VersionMismatch { field: None }))
+            Err(StoreError::Conflict(Conflict::VersionMismatch {
+                field: None,
+            }))
         }
     }
 }
@@ -129,9 +131,13 @@ pub(crate) fn plan_increments<'a>(
                     None => stored(field).map_or(Some(0), parse_counter),
                 };
                 let next = base
-                    .ok_or_else(|| StoreError::Invalid(format!("field {field:?} is not an integer")))?
+                    .ok_or_else(|| {
+                        StoreError::Invalid(format!("field {field:?} is not an integer"))
+                    })?
                     .checked_add(*delta)
-                    .ok_or_else(|| StoreError::Invalid(format!("field {field:?} would overflow")))?;
+                    .ok_or_else(|| {
+                        StoreError::Invalid(format!("field {field:?} would overflow"))
+                    })?;
                 pending.insert(field, Some(next));
                 out.push(next);
             }

@@ -73,9 +73,17 @@ pub async fn kv_roundtrip(store: &Store) {
 }
 
 pub async fn kv_conditions(store: &Store) {
-    let v1 = store.put("c", "a", None, Condition::IfAbsent).await.unwrap();
+    let v1 = store
+        .put("c", "a", None, Condition::IfAbsent)
+        .await
+        .unwrap();
     assert_eq!(
-        conflict(store.put("c", "b", None, Condition::IfAbsent).await.unwrap_err()),
+        conflict(
+            store
+                .put("c", "b", None, Condition::IfAbsent)
+                .await
+                .unwrap_err()
+        ),
         Conflict::AlreadyExists
     );
     assert_eq!(
@@ -101,7 +109,12 @@ pub async fn kv_conditions(store: &Store) {
         Conflict::NotFound
     );
     assert_eq!(
-        conflict(store.delete("c", Condition::IfVersion(v1)).await.unwrap_err()),
+        conflict(
+            store
+                .delete("c", Condition::IfVersion(v1))
+                .await
+                .unwrap_err()
+        ),
         Conflict::VersionMismatch { field: None }
     );
     assert_eq!(store.get("c").await.unwrap().value.unwrap().value, "b");
@@ -112,17 +125,29 @@ pub async fn kv_conditions(store: &Store) {
 pub async fn kv_versions_not_reused(store: &Store) {
     let v1 = store.put("r", "a", None, Condition::Any).await.unwrap();
     store.delete("r", Condition::Any).await.unwrap();
-    let v2 = store.put("r", "b", None, Condition::IfAbsent).await.unwrap();
-    assert!(v2 > v1, "a recreated key gets a newer version ({v1} -> {v2})");
+    let v2 = store
+        .put("r", "b", None, Condition::IfAbsent)
+        .await
+        .unwrap();
     assert!(
-        store.put("r", "c", None, Condition::IfVersion(v1)).await.is_err(),
+        v2 > v1,
+        "a recreated key gets a newer version ({v1} -> {v2})"
+    );
+    assert!(
+        store
+            .put("r", "c", None, Condition::IfVersion(v1))
+            .await
+            .is_err(),
         "an old version must not match a recreated key (ABA)"
     );
 }
 
 pub async fn kv_ttl(store: &Store) {
     let ttl = Duration::from_millis(250);
-    store.put("t", "x", Some(ttl), Condition::Any).await.unwrap();
+    store
+        .put("t", "x", Some(ttl), Condition::Any)
+        .await
+        .unwrap();
     assert!(store.get("t").await.unwrap().is_some());
     wait_past(ttl).await;
     assert_eq!(
@@ -132,7 +157,10 @@ pub async fn kv_ttl(store: &Store) {
     );
     assert!(!store.touch("t", ttl).await.unwrap(), "touch on expired");
     assert!(
-        store.put("t", "y", None, Condition::IfVersion(1)).await.is_err(),
+        store
+            .put("t", "y", None, Condition::IfVersion(1))
+            .await
+            .is_err(),
         "an expired key cannot satisfy a version condition"
     );
     store
@@ -171,7 +199,10 @@ pub async fn kv_binary_values(store: &Store) {
 pub async fn map_roundtrip(store: &Store) {
     assert_eq!(store.map_read("m").await.unwrap().into_inner(), None);
     let p1 = store
-        .map_patch("m", &MapPatch::new().set("a", "1").set("b", vec![0u8, 1, 2]))
+        .map_patch(
+            "m",
+            &MapPatch::new().set("a", "1").set("b", vec![0u8, 1, 2]),
+        )
         .await
         .unwrap();
     let map = store.map_read("m").await.unwrap().into_inner().unwrap();
@@ -189,7 +220,10 @@ pub async fn map_roundtrip(store: &Store) {
     let map = store.map_read("m").await.unwrap().into_inner().unwrap();
     let names: Vec<_> = map.fields.keys().cloned().collect();
     assert_eq!(names, ["b", "c"]);
-    assert_eq!(map.fields["b"].version, p1.version, "untouched field keeps its version");
+    assert_eq!(
+        map.fields["b"].version, p1.version,
+        "untouched field keeps its version"
+    );
     assert_eq!(map.fields["c"].version, p2.version);
     assert!(store.map_delete("m").await.unwrap());
     assert_eq!(store.map_read("m").await.unwrap().into_inner(), None);
@@ -228,8 +262,14 @@ pub async fn map_conditions_all_or_nothing(store: &Store) {
         .unwrap_err();
     assert!(err.is_conflict());
     let map = store.map_read("mc").await.unwrap().into_inner().unwrap();
-    assert!(map.get("y").is_none() && map.get("n").is_none(), "nothing applied");
-    assert_eq!(map.version, p1.version, "a failed patch does not bump the version");
+    assert!(
+        map.get("y").is_none() && map.get("n").is_none(),
+        "nothing applied"
+    );
+    assert_eq!(
+        map.version, p1.version,
+        "a failed patch does not bump the version"
+    );
 
     store
         .map_patch(
@@ -257,7 +297,9 @@ pub async fn map_existence(store: &Store) {
     let err = store
         .map_patch(
             "me",
-            &MapPatch::new().set("a", "1").existence(Existence::MustExist),
+            &MapPatch::new()
+                .set("a", "1")
+                .existence(Existence::MustExist),
         )
         .await
         .unwrap_err();
@@ -289,7 +331,9 @@ pub async fn map_existence(store: &Store) {
     store
         .map_patch(
             "me",
-            &MapPatch::new().set("b", "2").existence(Existence::MustExist),
+            &MapPatch::new()
+                .set("b", "2")
+                .existence(Existence::MustExist),
         )
         .await
         .unwrap();
@@ -298,7 +342,9 @@ pub async fn map_existence(store: &Store) {
     let err = store
         .map_patch(
             "me",
-            &MapPatch::new().set("c", "3").existence(Existence::MustExist),
+            &MapPatch::new()
+                .set("c", "3")
+                .existence(Existence::MustExist),
         )
         .await
         .unwrap_err();
@@ -315,7 +361,10 @@ pub async fn map_incr(store: &Store) {
         assert_eq!(out.counters, [expected]);
     }
     let out = store
-        .map_patch("mi", &MapPatch::new().incr("n", 10).incr("n", -4).incr("m", 7))
+        .map_patch(
+            "mi",
+            &MapPatch::new().incr("n", 10).incr("n", -4).incr("m", 7),
+        )
         .await
         .unwrap();
     assert_eq!(out.counters, [13, 9, 7]);
@@ -350,7 +399,14 @@ pub async fn map_ttl(store: &Store) {
         .await
         .unwrap();
     assert!(
-        store.map_read("mt").await.unwrap().value.unwrap().expires_in.is_some(),
+        store
+            .map_read("mt")
+            .await
+            .unwrap()
+            .value
+            .unwrap()
+            .expires_in
+            .is_some(),
         "a patch without TTL keeps the expiry"
     );
     wait_past(ttl).await;
@@ -358,11 +414,17 @@ pub async fn map_ttl(store: &Store) {
     let err = store
         .map_patch(
             "mt",
-            &MapPatch::new().set("c", "3").existence(Existence::MustExist),
+            &MapPatch::new()
+                .set("c", "3")
+                .existence(Existence::MustExist),
         )
         .await
         .unwrap_err();
-    assert_eq!(conflict(err), Conflict::NotFound, "expired counts as absent");
+    assert_eq!(
+        conflict(err),
+        Conflict::NotFound,
+        "expired counts as absent"
+    );
     assert!(!store.map_touch("mt", ttl).await.unwrap());
 
     store
@@ -375,9 +437,17 @@ pub async fn map_ttl(store: &Store) {
         ["fresh"],
         "fields of an expired map do not come back"
     );
-    assert!(store.map_touch("mt", Duration::from_secs(30)).await.unwrap());
+    assert!(
+        store
+            .map_touch("mt", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
     wait_past(ttl).await;
-    assert!(store.map_read("mt").await.unwrap().is_some(), "touch extended it");
+    assert!(
+        store.map_read("mt").await.unwrap().is_some(),
+        "touch extended it"
+    );
 }
 
 pub async fn counters(store: &Store) {
@@ -387,26 +457,49 @@ pub async fn counters(store: &Store) {
     assert_eq!(store.counter("n").await.unwrap().into_inner(), Some(3));
     let ttl = Duration::from_millis(250);
     assert_eq!(store.incr("w", 1, Some(ttl)).await.unwrap(), 1);
-    assert_eq!(store.incr("w", 1, Some(Duration::from_secs(60))).await.unwrap(), 2);
+    assert_eq!(
+        store
+            .incr("w", 1, Some(Duration::from_secs(60)))
+            .await
+            .unwrap(),
+        2
+    );
     wait_past(ttl).await;
     assert_eq!(
         store.counter("w").await.unwrap().into_inner(),
         None,
         "a live counter keeps the expiry it was created with"
     );
-    assert_eq!(store.incr("w", 1, Some(ttl)).await.unwrap(), 1, "new window");
+    assert_eq!(
+        store.incr("w", 1, Some(ttl)).await.unwrap(),
+        1,
+        "new window"
+    );
 }
 
 pub async fn namespaces_are_separate(store: &Store) {
-    store.put("same", "value", None, Condition::Any).await.unwrap();
+    store
+        .put("same", "value", None, Condition::Any)
+        .await
+        .unwrap();
     store
         .map_patch("same", &MapPatch::new().set("f", "map"))
         .await
         .unwrap();
     store.incr("same", 7, None).await.unwrap();
-    assert_eq!(store.get("same").await.unwrap().value.unwrap().value, "value");
     assert_eq!(
-        store.map_read("same").await.unwrap().value.unwrap().get("f").unwrap(),
+        store.get("same").await.unwrap().value.unwrap().value,
+        "value"
+    );
+    assert_eq!(
+        store
+            .map_read("same")
+            .await
+            .unwrap()
+            .value
+            .unwrap()
+            .get("f")
+            .unwrap(),
         "map"
     );
     assert_eq!(store.counter("same").await.unwrap().into_inner(), Some(7));
@@ -415,8 +508,14 @@ pub async fn namespaces_are_separate(store: &Store) {
 pub async fn limits_rejected_before_sending(store: &Store) {
     let limits = *store.limits();
     let big = vec![b'x'; limits.max_value_bytes + 1];
-    let err = store.put("big", big.clone(), None, Condition::Any).await.unwrap_err();
-    assert!(matches!(err, StoreError::TooLarge { what: "value", .. }), "{err:?}");
+    let err = store
+        .put("big", big.clone(), None, Condition::Any)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::TooLarge { what: "value", .. }),
+        "{err:?}"
+    );
     let err = store
         .map_patch("big", &MapPatch::new().set("f", big))
         .await
@@ -424,19 +523,34 @@ pub async fn limits_rejected_before_sending(store: &Store) {
     assert!(matches!(err, StoreError::TooLarge { .. }), "{err:?}");
     let long_key = "k".repeat(limits.max_key_bytes + 1);
     let err = store.get(&long_key).await.unwrap_err();
-    assert!(matches!(err, StoreError::TooLarge { what: "key", .. }), "{err:?}");
+    assert!(
+        matches!(err, StoreError::TooLarge { what: "key", .. }),
+        "{err:?}"
+    );
     let long_field = "f".repeat(limits.max_field_name_bytes + 1);
     let err = store
         .map_patch("big", &MapPatch::new().set(long_field, "v"))
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::TooLarge { what: "field name", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            StoreError::TooLarge {
+                what: "field name",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(matches!(
         store.get("").await.unwrap_err(),
         StoreError::Invalid(_)
     ));
     assert!(matches!(
-        store.map_patch("m", &MapPatch::new().set("", "v")).await.unwrap_err(),
+        store
+            .map_patch("m", &MapPatch::new().set("", "v"))
+            .await
+            .unwrap_err(),
         StoreError::Invalid(_)
     ));
     assert_eq!(store.map_read("big").await.unwrap().into_inner(), None);

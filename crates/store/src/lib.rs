@@ -66,7 +66,9 @@ async fn open_backend(config: &StoreConfig) -> Result<Arc<dyn Backend>> {
         #[cfg(feature = "redis")]
         "redis" => Ok(Arc::new(redis::RedisBackend::open(url, timeout).await?)),
         #[cfg(feature = "redis")]
-        "redis+cluster" => Ok(Arc::new(redis::RedisBackend::open_cluster(url, timeout).await?)),
+        "redis+cluster" => Ok(Arc::new(
+            redis::RedisBackend::open_cluster(url, timeout).await?,
+        )),
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => Ok(Arc::new(postgres::PostgresBackend::open(url).await?)),
         // Reached only for backends compiled out by features.

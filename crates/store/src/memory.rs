@@ -126,7 +126,10 @@ impl Backend for MemoryBackend {
 
     async fn delete(&self, key: &str, condition: Condition) -> Result<bool> {
         self.with(|t, now| {
-            let current = t.kv.get(key).filter(|e| e.live(now)).map(|e| e.data.version);
+            let current =
+                t.kv.get(key)
+                    .filter(|e| e.live(now))
+                    .map(|e| e.data.version);
             check_condition(current, condition)?;
             Ok(t.kv.remove(key).is_some_and(|e| e.live(now)))
         })
@@ -156,7 +159,9 @@ impl Backend for MemoryBackend {
         self.with(|t, now| {
             let live = t.maps.get(key).is_some_and(|e| e.live(now));
             match (patch.existence, live) {
-                (Existence::MustExist, false) => return Err(StoreError::Conflict(Conflict::NotFound)),
+                (Existence::MustExist, false) => {
+                    return Err(StoreError::Conflict(Conflict::NotFound));
+                }
                 (Existence::MustNotExist, true) => {
                     return Err(StoreError::Conflict(Conflict::AlreadyExists));
                 }
@@ -278,4 +283,3 @@ impl Backend for MemoryBackend {
         Ok(self.with(|t, now| t.counters.get(key).filter(|e| e.live(now)).map(|e| e.data)))
     }
 }
-

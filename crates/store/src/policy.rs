@@ -114,8 +114,12 @@ impl<T> std::ops::Deref for Read<T> {
 
 #[derive(Debug)]
 enum BreakerState {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// One probe is in flight; everyone else fails fast until it returns.
     HalfOpen,
 }
@@ -291,13 +295,20 @@ mod tests {
         let c = StaleCache::new(2);
         c.remember("a".into(), 1);
         tokio::time::advance(Duration::from_millis(50)).await;
-        assert_eq!(c.recall("a", Duration::from_millis(100)).map(|v| v.0), Some(1));
+        assert_eq!(
+            c.recall("a", Duration::from_millis(100)).map(|v| v.0),
+            Some(1)
+        );
         tokio::time::advance(Duration::from_millis(60)).await;
         assert_eq!(c.recall("a", Duration::from_millis(100)), None);
         c.remember("b".into(), 2);
         c.remember("c".into(), 3);
         c.remember("d".into(), 4);
-        assert_eq!(c.recall("b", Duration::from_secs(1)), None, "bounded: evicted");
+        assert_eq!(
+            c.recall("b", Duration::from_secs(1)),
+            None,
+            "bounded: evicted"
+        );
         c.forget("d");
         assert_eq!(c.recall("d", Duration::from_secs(1)), None);
     }

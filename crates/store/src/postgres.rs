@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::backend::{Backend, ttl_millis};
 use crate::error::{Conflict, Result, StoreError, UnavailableKind, redact_url};
@@ -195,22 +195,24 @@ impl Backend for PostgresBackend {
         ttl: Option<Duration>,
         condition: Condition,
     ) -> Result<u64> {
-        let version: Option<i64> = match condition {
-            Condition::Any | Condition::IfAbsent => {
-                let sql = if condition == Condition::IfAbsent {
-                    kv_upsert!("WHERE t.expires_at IS NOT NULL AND t.expires_at <= clock_timestamp()")
-                } else {
-                    kv_upsert!("")
-                };
-                sqlx::query_scalar(sql)
-                .bind(key)
-                .bind(value.as_ref())
-                .bind(ttl_arg(ttl))
-                .fetch_optional(&self.pool)
-                .await
-            }
-            Condition::IfVersion(expected) => {
-                sqlx::query_scalar(concat!(
+        let version: Option<i64> =
+            match condition {
+                Condition::Any | Condition::IfAbsent => {
+                    let sql = if condition == Condition::IfAbsent {
+                        kv_upsert!(
+                            "WHERE t.expires_at IS NOT NULL AND t.expires_at <= clock_timestamp()"
+                        )
+                    } else {
+                        kv_upsert!("")
+                    };
+                    sqlx::query_scalar(sql)
+                        .bind(key)
+                        .bind(value.as_ref())
+                        .bind(ttl_arg(ttl))
+                        .fetch_optional(&self.pool)
+                        .await
+                }
+                Condition::IfVersion(expected) => sqlx::query_scalar(concat!(
                     "UPDATE sh_kv SET value = $2, version = GREATEST(version + 1, sh_now_us()), \
                      expires_at = ",
                     expires_from_ttl_3!(),
@@ -223,10 +225,9 @@ impl Backend for PostgresBackend {
                 .bind(ttl_arg(ttl))
                 .bind(expected as i64)
                 .fetch_optional(&self.pool)
-                .await
+                .await,
             }
-        }
-        .map_err(|e| self.error(e))?;
+            .map_err(|e| self.error(e))?;
         match version {
             Some(v) => {
                 self.after_write().await;

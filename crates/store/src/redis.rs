@@ -188,7 +188,10 @@ fn map_error(name: &str, key: &str, e: &RedisError) -> StoreError {
     if e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
-        || matches!(e.kind(), ErrorKind::ClusterConnectionNotFound | ErrorKind::Io)
+        || matches!(
+            e.kind(),
+            ErrorKind::ClusterConnectionNotFound | ErrorKind::Io
+        )
     {
         return StoreError::unavailable(name, UnavailableKind::Connection, e);
     }
@@ -499,8 +502,7 @@ impl Backend for RedisBackend {
                 saw_meta = true;
                 continue;
             }
-            let name =
-                String::from_utf8(field).map_err(|_| corrupt("field name is not UTF-8"))?;
+            let name = String::from_utf8(field).map_err(|_| corrupt("field name is not UTF-8"))?;
             let versioned =
                 decode_versioned(&value).ok_or_else(|| corrupt("field has no version prefix"))?;
             map.fields.insert(name, versioned);

@@ -111,10 +111,10 @@ impl SqliteBackend {
 
     async fn commit(&self, tx: Transaction<'static, Sqlite>) -> Result<()> {
         tx.commit().await.map_err(|e| self.error(e))?;
-        if self.writes.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1 {
-            if let Err(e) = self.purge_expired().await {
-                tracing::warn!(store = %self.name, error = %e, "purging expired rows failed");
-            }
+        if self.writes.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1
+            && let Err(e) = self.purge_expired().await
+        {
+            tracing::warn!(store = %self.name, error = %e, "purging expired rows failed");
         }
         Ok(())
     }
@@ -287,7 +287,8 @@ impl Backend for SqliteBackend {
         tx.rollback().await.map_err(|e| self.error(e))?;
         let mut map = FieldMap {
             version: version as u64,
-            expires_in: expires_at.map(|at| Duration::from_millis(at.saturating_sub(now).max(0) as u64)),
+            expires_in: expires_at
+                .map(|at| Duration::from_millis(at.saturating_sub(now).max(0) as u64)),
             ..FieldMap::default()
         };
         for row in rows {

@@ -49,8 +49,9 @@ impl Rig {
     fn heal(&mut self, fault: Fault) {
         match fault {
             Fault::Cut | Fault::Blackhole => self.proxy.heal(),
-            Fault::Kill => tokio::task::block_in_place(|| self.redis.restart())
-                .expect("restart redis-server"),
+            Fault::Kill => {
+                tokio::task::block_in_place(|| self.redis.restart()).expect("restart redis-server")
+            }
         }
     }
 }
@@ -86,8 +87,14 @@ async fn scenario(on_down: OnStoreDown, fault: Fault) {
         .expect("open through the proxy");
 
     // Read once before the outage, so the stale cache (if any) holds it.
-    store.put("seen", "before", None, Condition::Any).await.unwrap();
-    assert_eq!(store.get("seen").await.unwrap().value.unwrap().value, "before");
+    store
+        .put("seen", "before", None, Condition::Any)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("seen").await.unwrap().value.unwrap().value,
+        "before"
+    );
 
     let attempts = Arc::new(Mutex::new(Vec::<Attempt>::new()));
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -124,7 +131,10 @@ async fn scenario(on_down: OnStoreDown, fault: Fault) {
 
     // Reads during the outage, early and late.
     let mut saw_circuit_open = false;
-    for pause in [Duration::from_millis(700), OUTAGE - Duration::from_millis(1200)] {
+    for pause in [
+        Duration::from_millis(700),
+        OUTAGE - Duration::from_millis(1200),
+    ] {
         tokio::time::sleep(pause).await;
         let seen = store.get("seen").await;
         let unseen = store.get("never-read").await;
@@ -213,13 +223,22 @@ async fn scenario(on_down: OnStoreDown, fault: Fault) {
         Fault::Cut | Fault::Blackhole => down_since - Duration::from_secs(3600),
     };
     let mut checked = 0;
-    for a in attempts.iter().filter(|a| a.acked && a.started > check_from) {
+    for a in attempts
+        .iter()
+        .filter(|a| a.acked && a.started > check_from)
+    {
         let got = store.get(&a.key).await.unwrap();
-        assert!(got.is_some(), "{fault:?}: acknowledged write {} lost", a.key);
+        assert!(
+            got.is_some(),
+            "{fault:?}: acknowledged write {} lost",
+            a.key
+        );
         checked += 1;
     }
     assert!(checked > 0, "some writes were acknowledged after recovery");
-    let after = attempts.iter().filter(|a| a.started > back_at + recovered_after);
+    let after = attempts
+        .iter()
+        .filter(|a| a.started > back_at + recovered_after);
     assert!(
         after.clone().all(|a| a.acked),
         "{fault:?}: writes fail after recovery: {:?}",
@@ -279,7 +298,11 @@ async fn postgres_kill_and_restart_fail_closed() {
     loop {
         match store.get("k").await {
             Ok(read) => {
-                assert_eq!(read.value.unwrap().value, "v", "the acknowledged write survived");
+                assert_eq!(
+                    read.value.unwrap().value,
+                    "v",
+                    "the acknowledged write survived"
+                );
                 break;
             }
             Err(e) => {

@@ -49,7 +49,10 @@ async fn corrupt_bytes_are_reported_not_panicked_on() {
 
     raw_set(&format!("m:{prefix}map"), b"1:ok", Some("f")).await;
     let err = store.map_read("map").await.unwrap_err();
-    assert!(matches!(err, StoreError::Corrupt { .. }), "no meta field: {err:?}");
+    assert!(
+        matches!(err, StoreError::Corrupt { .. }),
+        "no meta field: {err:?}"
+    );
     raw_set(&format!("m:{prefix}map"), b"7", Some("")).await;
     raw_set(&format!("m:{prefix}map"), b"garbage", Some("g")).await;
     let err = store.map_read("map").await.unwrap_err();

@@ -64,7 +64,9 @@ async fn resharding_under_load_loses_nothing() {
     };
     let from = node_id(masters[0]);
     let to = node_id(masters[1]);
-    let target = cluster.urls()[masters[0]].trim_start_matches("redis://").to_owned();
+    let target = cluster.urls()[masters[0]]
+        .trim_start_matches("redis://")
+        .to_owned();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("redis-cli")
             .args([

@@ -73,7 +73,47 @@ async fn two_processes_share_one_file_without_losing_writes() {
     let store = open(StoreConfig::new(format!("sqlite://{}", path.display())))
         .await
         .unwrap();
-    let map = store.map_read("shared").await.unwrap().into_inner().unwrap();
+    let map = store
+        .map_read("shared")
+        .await
+        .unwrap()
+        .into_inner()
+        .unwrap();
     assert_eq!(map.counter("total"), Some(2 * WRITES as i64));
-    assert_eq!(map.fields.len(), 2 * WRITES + 1, "every field write is there");
+    assert_eq!(
+        map.fields.len(),
+        2 * WRITES + 1,
+        "every field write is there"
+    );
+}
+
+#[tokio::test]
+async fn corrupt_rows_and_bad_paths_are_reported() {
+    use statehouse_store::StoreError;
+    let path = db_path("corrupt");
+    let store = open(StoreConfig::new(format!("sqlite://{}", path.display())).prefix(""))
+        .await
+        .unwrap();
+    // Write rows behind the store's back, through a second connection.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO sh_kv (key, value, version) VALUES ('text', 'x', 'not a number')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO sh_kv (key, value, version) VALUES ('neg', x'00', -1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for key in ["text", "neg"] {
+        let err = store.get(key).await.unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{key}: {err:?}");
+    }
+
+    let err = open(StoreConfig::new("sqlite:///proc/no/such/dir/x.db"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+    assert!(err.to_string().contains("/proc/no/such/dir/x.db"), "{err}");
 }
