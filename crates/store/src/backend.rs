@@ -81,6 +81,7 @@ pub(crate) fn unix_micros() -> u64 {
 }
 
 /// Milliseconds of a TTL as the engines take them, at least 1.
+#[cfg(any(feature = "sqlite", feature = "redis", feature = "postgres"))]
 pub(crate) fn ttl_millis(ttl: Duration) -> i64 {
     (ttl.as_millis().clamp(1, i64::MAX as u128)) as i64
 }

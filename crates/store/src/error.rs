@@ -108,6 +108,7 @@ impl StoreError {
         }
     }
 
+    #[cfg(any(feature = "sqlite", feature = "redis", feature = "postgres"))]
     pub(crate) fn corrupt(store: &str, key: &str, reason: impl Into<String>) -> Self {
         StoreError::Corrupt {
             store: store.to_owned(),
@@ -116,6 +117,7 @@ impl StoreError {
         }
     }
 
+    #[cfg(any(feature = "sqlite", feature = "redis", feature = "postgres"))]
     pub(crate) fn backend(store: &str, detail: impl std::fmt::Display) -> Self {
         StoreError::Backend {
             store: store.to_owned(),

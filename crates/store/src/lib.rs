@@ -57,12 +57,13 @@ pub async fn open(config: StoreConfig) -> Result<Store> {
 async fn open_backend(config: &StoreConfig) -> Result<Arc<dyn Backend>> {
     let url = config.url.as_str();
     let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
+    #[cfg(any(feature = "sqlite", feature = "redis", feature = "postgres"))]
     let timeout = config.policy.timeout;
     match scheme {
         #[cfg(feature = "memory")]
         "memory" => Ok(Arc::new(memory::MemoryBackend::new())),
         #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(Arc::new(sqlite::SqliteBackend::open(url).await?)),
+        "sqlite" => Ok(Arc::new(sqlite::SqliteBackend::open(url, timeout).await?)),
         #[cfg(feature = "redis")]
         "redis" => Ok(Arc::new(redis::RedisBackend::open(url, timeout).await?)),
         #[cfg(feature = "redis")]
@@ -70,7 +71,9 @@ async fn open_backend(config: &StoreConfig) -> Result<Arc<dyn Backend>> {
             redis::RedisBackend::open_cluster(url, timeout).await?,
         )),
         #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => Ok(Arc::new(postgres::PostgresBackend::open(url).await?)),
+        "postgres" | "postgresql" => Ok(Arc::new(
+            postgres::PostgresBackend::open(url, timeout).await?,
+        )),
         // Reached only for backends compiled out by features.
         #[allow(unreachable_patterns)]
         "memory" | "sqlite" | "redis" | "redis+cluster" | "postgres" | "postgresql" => {

@@ -68,11 +68,13 @@ pub struct PostgresBackend {
 impl PostgresBackend {
     /// Connects to `postgres://...` and applies the embedded migrations
     /// (serialized across instances by sqlx's advisory lock).
-    pub async fn open(url: &str) -> Result<Self> {
+    /// Waiting for a pooled connection counts against `timeout`, the
+    /// policy's per-call deadline.
+    pub async fn open(url: &str, timeout: Duration) -> Result<Self> {
         let name = redact_url(url);
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(2))
+            .acquire_timeout(timeout)
             // A ping before every use would double the round trips; a broken
             // connection fails one call (reported Unavailable) and is dropped.
             .test_before_acquire(false)
@@ -100,12 +102,17 @@ impl PostgresBackend {
         if self.writes.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY != PURGE_EVERY - 1 {
             return;
         }
+        // The outer `expires_at <=` conditions are re-checked by Postgres on
+        // the latest row version if a concurrent write changed it after the
+        // subquery chose it: a key written again meanwhile is not deleted.
         let sql = "WITH k AS (DELETE FROM sh_kv WHERE key IN \
-                       (SELECT key FROM sh_kv WHERE expires_at <= clock_timestamp() LIMIT 500)), \
+                       (SELECT key FROM sh_kv WHERE expires_at <= clock_timestamp() LIMIT 500) \
+                       AND expires_at <= clock_timestamp()), \
                    c AS (DELETE FROM sh_counter WHERE key IN \
-                       (SELECT key FROM sh_counter WHERE expires_at <= clock_timestamp() LIMIT 500)), \
+                       (SELECT key FROM sh_counter WHERE expires_at <= clock_timestamp() LIMIT 500) \
+                       AND expires_at <= clock_timestamp()), \
                    m AS (SELECT key FROM sh_map WHERE expires_at <= clock_timestamp() LIMIT 500) \
-                   SELECT sh_map_delete(key) FROM m";
+                   SELECT sh_map_delete(key, true) FROM m";
         if let Err(e) = sqlx::query(sql).execute(&self.pool).await {
             tracing::warn!(store = %self.name, error = %e, "purging expired rows failed");
         }

@@ -58,7 +58,9 @@ fn expiry(now: i64, ttl: Option<Duration>) -> Option<i64> {
 impl SqliteBackend {
     /// Opens (creating if needed) `sqlite://PATH` and applies the embedded
     /// migrations.
-    pub async fn open(url: &str) -> Result<Self> {
+    /// Waiting for a pooled connection counts against `timeout`, the
+    /// policy's per-call deadline.
+    pub async fn open(url: &str, timeout: Duration) -> Result<Self> {
         let name = redact_url(url);
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("store URL {name:?} is not valid: {e}")))?
@@ -70,6 +72,7 @@ impl SqliteBackend {
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            .acquire_timeout(timeout)
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Config(format!("store {name}: cannot open ({e})")))?;

@@ -125,13 +125,20 @@ END
 $$;
 
 -- Deletes a map and its fields under the map row's lock, so a patch running
--- at the same time either finishes first or finds the map gone.
-CREATE OR REPLACE FUNCTION sh_map_delete(p_key text) RETURNS boolean LANGUAGE plpgsql AS $$
+-- at the same time either finishes first or finds the map gone. With
+-- p_only_expired (the purge), a map that a concurrent patch brought back to
+-- life after the purge chose it is left alone: the check happens under the
+-- lock, on the latest row.
+CREATE OR REPLACE FUNCTION sh_map_delete(p_key text, p_only_expired boolean DEFAULT false)
+RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     v_row sh_map%ROWTYPE;
 BEGIN
     SELECT * INTO v_row FROM sh_map WHERE key = p_key FOR UPDATE;
     IF NOT FOUND THEN RETURN false; END IF;
+    IF p_only_expired AND (v_row.expires_at IS NULL OR v_row.expires_at > clock_timestamp()) THEN
+        RETURN false;
+    END IF;
     DELETE FROM sh_map_field WHERE key = p_key;
     DELETE FROM sh_map WHERE key = p_key;
     RETURN v_row.expires_at IS NULL OR v_row.expires_at > clock_timestamp();
