@@ -395,3 +395,50 @@ async fn reserved_field_names_are_refused() {
     assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(reply.headers.get(header::SET_COOKIE).is_none());
 }
+
+/// Rejected cookies are counted by reason in
+/// `statehouse_session_cookie_rejected_total`.
+#[test]
+fn rejected_cookies_are_counted_by_reason() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        // A current-thread runtime keeps the layer on this thread, where the
+        // local recorder is installed.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let h = harness(config());
+            let cookie = pair(&h.call("POST", "/set/a/1", None).await.set_cookie.unwrap());
+            let mut forged = cookie.clone().into_bytes();
+            let last = forged.len() - 2;
+            forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+            let forged = String::from_utf8(forged).unwrap();
+            h.call("GET", "/get/a", Some(&forged)).await;
+            h.call("GET", "/get/a", Some(&forged)).await;
+            h.call("GET", "/get/a", Some("sh_session=garbage")).await;
+        });
+    });
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counted = |reason: &str| {
+        snapshot
+            .iter()
+            .find_map(|(key, _, _, value)| {
+                let key = key.key();
+                let matches = key.name() == "statehouse_session_cookie_rejected_total"
+                    && key
+                        .labels()
+                        .any(|l| l.key() == "reason" && l.value() == reason);
+                match (matches, value) {
+                    (true, DebugValue::Counter(n)) => Some(*n),
+                    _ => None,
+                }
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(counted("bad_signature"), 2);
+    assert_eq!(counted("malformed"), 1);
+}
