@@ -139,7 +139,7 @@ where
 
 /// The verified session cookie of a request: `None` when there is no
 /// cookie of that name, `Some(Err)` when every one presented was rejected.
-fn session_from_cookies(
+pub(crate) fn session_from_cookies(
     config: &SessionConfig,
     headers: &http::HeaderMap,
 ) -> Option<Result<(crate::keys::SessionId, u64), Rejection>> {

@@ -51,6 +51,20 @@ pub mod testing {
         keys.sign(cookie_name, &SessionId::random(), created_secs)
     }
 
+    /// Runs the layer's cookie parsing and verification on a raw `Cookie`
+    /// header; true if it yields a session. For the fuzz target.
+    pub fn accepts_cookie_header(config: &SessionConfig, header: &[u8]) -> bool {
+        let Ok(value) = http::HeaderValue::from_bytes(header) else {
+            return false;
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::COOKIE, value);
+        matches!(
+            crate::layer::session_from_cookies(config, &headers),
+            Some(Ok(_))
+        )
+    }
+
     pub fn now_secs() -> u64 {
         crate::session::now_secs()
     }
