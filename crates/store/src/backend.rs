@@ -10,8 +10,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::{Conflict, Result, StoreError};
-use crate::types::{Condition, FieldMap, FieldOp, MapPatch, PatchOutcome, Versioned};
+use crate::error::Result;
+use crate::types::{Condition, FieldMap, MapPatch, PatchOutcome, Versioned};
+#[cfg(any(feature = "memory", feature = "sqlite"))]
+use crate::{
+    error::{Conflict, StoreError},
+    types::FieldOp,
+};
 
 /// A storage engine behind the store API.
 ///
@@ -87,6 +92,7 @@ pub(crate) fn ttl_millis(ttl: Duration) -> i64 {
 }
 
 /// Checks a versioned-value condition against the live version (if any).
+#[cfg(any(feature = "memory", feature = "sqlite"))]
 pub(crate) fn check_condition(current: Option<u64>, condition: Condition) -> Result<()> {
     match (condition, current) {
         (Condition::Any, _) => Ok(()),
@@ -102,6 +108,7 @@ pub(crate) fn check_condition(current: Option<u64>, condition: Condition) -> Res
     }
 }
 
+#[cfg(any(feature = "memory", feature = "sqlite", feature = "redis"))]
 pub(crate) fn parse_counter(bytes: &[u8]) -> Option<i64> {
     std::str::from_utf8(bytes).ok()?.parse().ok()
 }
@@ -111,6 +118,7 @@ pub(crate) fn parse_counter(bytes: &[u8]) -> Option<i64> {
 /// Within one patch, ops apply in order: a `Set` then an `Incr` of the same
 /// field adds to the set value, a `Remove` then an `Incr` starts from 0.
 /// `stored` gives a field's payload as it is in the store.
+#[cfg(any(feature = "memory", feature = "sqlite"))]
 pub(crate) fn plan_increments<'a>(
     ops: &[FieldOp],
     stored: impl Fn(&str) -> Option<&'a [u8]>,
