@@ -1,0 +1,152 @@
+//! The one closed-loop driver every measured operation goes through: the store's operations on
+//! every backend and the raw sqlx peer alike, so they are timed the same way.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::task::JoinSet;
+
+use crate::BoxError;
+
+/// One operation the driver repeats.
+pub(crate) trait Workload: Send + Sync + 'static {
+    /// What one task keeps between calls: its key, its last version, a patch built once.
+    type Worker: Send + 'static;
+
+    /// Prepares task `index` (reads its key's version, ...). Not timed.
+    fn worker(&self, index: usize) -> impl Future<Output = Result<Self::Worker, BoxError>> + Send;
+
+    /// One timed call.
+    fn call(&self, worker: &mut Self::Worker) -> impl Future<Output = Outcome> + Send;
+}
+
+/// How one call ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Done,
+    /// A conditional write lost; counted apart from errors and kept out of the histogram.
+    Conflict,
+    Failed(String),
+}
+
+/// How long to run: `warmup` untimed, then `measure` timed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    pub(crate) warmup: Duration,
+    pub(crate) measure: Duration,
+}
+
+/// What one cell (workload × concurrency) measured.
+#[derive(Debug)]
+pub(crate) struct Sample {
+    /// Latencies of the successful calls, in nanoseconds.
+    pub(crate) latency_ns: Histogram<u64>,
+    pub(crate) measured_for: Duration,
+    pub(crate) conflicts: u64,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
+}
+
+impl Sample {
+    fn empty(measured_for: Duration) -> Self {
+        Sample {
+            latency_ns: new_histogram(),
+            measured_for,
+            conflicts: 0,
+            errors: 0,
+            first_error: None,
+        }
+    }
+
+    pub(crate) fn ops_per_sec(&self) -> f64 {
+        self.latency_ns.len() as f64 / self.measured_for.as_secs_f64()
+    }
+
+    /// Latency at `quantile`, in microseconds; `None` when nothing succeeded.
+    pub(crate) fn micros_at(&self, quantile: f64) -> Option<f64> {
+        (!self.latency_ns.is_empty())
+            .then(|| self.latency_ns.value_at_quantile(quantile) as f64 / 1_000.0)
+    }
+}
+
+/// Nanoseconds rather than the microseconds a report shows: the memory backend answers in well
+/// under a microsecond, and a microsecond histogram would flatten it to 0 or 1.
+fn new_histogram() -> Histogram<u64> {
+    // 1 ns to 60 s at 3 significant digits (0.1% resolution): wider than any call can take under
+    // the store's 1 s timeout.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3)
+        .expect("constant bounds: low >= 1, high >= 2 * low, 3 significant figures")
+}
+
+/// Runs `concurrency` tasks, each calling `workload` back to back (a closed loop: a task sends its
+/// next call only when the previous one answered) for `window.warmup + window.measure`, and
+/// merges what they recorded during `window.measure`.
+///
+/// A call counts when it both started and finished inside the measured part; a call straddling
+/// either edge is dropped, which loses at most one call per task and edge.
+pub(crate) async fn closed_loop<W: Workload>(
+    workload: Arc<W>,
+    concurrency: usize,
+    window: Window,
+) -> Result<Sample, BoxError> {
+    // Every task is ready (keys read, versions known) before the clock starts.
+    let mut workers = Vec::with_capacity(concurrency);
+    for index in 0..concurrency {
+        workers.push(workload.worker(index).await?);
+    }
+
+    let measure_from = Instant::now() + window.warmup;
+    let until = measure_from + window.measure;
+    let mut tasks = JoinSet::new();
+    for mut worker in workers {
+        let workload = Arc::clone(&workload);
+        tasks.spawn(async move {
+            let mut sample = Sample::empty(window.measure);
+            loop {
+                let began = Instant::now();
+                if began >= until {
+                    break;
+                }
+                let outcome = workload.call(&mut worker).await;
+                let ended = Instant::now();
+                // A backend that answers without ever awaiting (the memory store) would otherwise
+                // keep its worker thread until the end and starve the other tasks: the requested
+                // concurrency would silently become the number of threads. This yields only once
+                // the task's budget (128 units) is spent, so network calls, which yield anyway,
+                // are not slowed down.
+                tokio::task::coop::consume_budget().await;
+                if began < measure_from || ended > until {
+                    continue;
+                }
+                match outcome {
+                    Outcome::Done => sample.latency_ns.saturating_record(
+                        u64::try_from((ended - began).as_nanos()).unwrap_or(u64::MAX),
+                    ),
+                    Outcome::Conflict => sample.conflicts += 1,
+                    Outcome::Failed(e) => {
+                        sample.errors += 1;
+                        sample.first_error.get_or_insert(e);
+                    }
+                }
+            }
+            sample
+        });
+    }
+
+    let mut merged = Sample::empty(window.measure);
+    while let Some(task) = tasks.join_next().await {
+        let sample = task?;
+        merged
+            .latency_ns
+            .add(&sample.latency_ns)
+            .expect("every histogram has the same bounds, so adding cannot go out of range");
+        merged.conflicts += sample.conflicts;
+        merged.errors += sample.errors;
+        if merged.first_error.is_none() {
+            merged.first_error = sample.first_error;
+        }
+    }
+    Ok(merged)
+}

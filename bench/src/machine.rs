@@ -1,0 +1,116 @@
+//! The description of the machine and software a result was measured on, for the report's header:
+//! numbers from a benchmark mean little without it.
+
+use tokio::process::Command;
+
+/// `(what, description)` pairs, in display order. Anything that cannot be found reads `unknown`.
+pub(crate) async fn describe() -> Vec<(&'static str, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    vec![
+        (
+            "date",
+            output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).await,
+        ),
+        ("nproc", output("nproc", &[]).await),
+        ("CPU", cpu_model(&cpuinfo)),
+        ("memory", mem_total(&meminfo)),
+        ("kernel", output("uname", &["-r"]).await),
+        ("rustc", env!("STATEHOUSE_BENCH_RUSTC").to_owned()),
+        (
+            "tokio",
+            format!(
+                "multi-thread runtime, {} worker threads",
+                tokio::runtime::Handle::current().metrics().num_workers()
+            ),
+        ),
+        ("redis-server", output("redis-server", &["--version"]).await),
+        (
+            "redis-benchmark",
+            output("redis-benchmark", &["--version"]).await,
+        ),
+        ("git", git_revision().await),
+    ]
+}
+
+/// The 1, 5 and 15 minute load averages, e.g. `0.52 0.31 0.20`. On a machine shared with other
+/// work (builds, tests), this is what tells a reader whether the numbers were measured in quiet.
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|load| !load.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The first line of a command's standard output, or `unknown`.
+async fn output(program: &str, args: &[&str]) -> String {
+    match Command::new(program).args(args).output().await {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
+        _ => "unknown".to_owned(),
+    }
+}
+
+async fn git_revision() -> String {
+    let revision = output("git", &["rev-parse", "--short", "HEAD"]).await;
+    let dirty = Command::new("git")
+        .args(["status", "--porcelain"])
+        .output()
+        .await
+        .is_ok_and(|out| out.status.success() && !out.stdout.is_empty());
+    if dirty {
+        format!("{revision} (with uncommitted changes)")
+    } else {
+        revision
+    }
+}
+
+fn cpu_model(cpuinfo: &str) -> String {
+    cpuinfo
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(key, _)| key.trim() == "model name")
+        .map(|(_, value)| value.trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn mem_total(meminfo: &str) -> String {
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| format!("{:.1} GiB", kib as f64 / (1024.0 * 1024.0)))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_proc_files() {
+        let cpuinfo = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n";
+        assert_eq!(cpu_model(cpuinfo), "Intel(R) Xeon(R) CPU @ 2.20GHz");
+        assert_eq!(cpu_model(""), "unknown");
+        assert_eq!(
+            mem_total("MemTotal:       24683520 kB\nMemFree: 1 kB\n"),
+            "23.5 GiB"
+        );
+    }
+}
