@@ -38,7 +38,13 @@ const PURGE_BATCH: i64 = 500;
 /// The SQLite backend.
 #[derive(Debug)]
 pub struct SqliteBackend {
+    /// Readers: WAL lets them run beside the writer.
     pool: SqlitePool,
+    /// One connection for every write of this process, so this process's
+    /// writers queue in order on the pool instead of spinning in SQLite's
+    /// busy handler (whose backoff sleeps gave writes 100+ ms tails).
+    /// Other processes on the host still wait through `busy_timeout`.
+    writer: SqlitePool,
     name: String,
     writes: AtomicU32,
 }
@@ -70,17 +76,24 @@ impl SqliteBackend {
             // a power loss can drop the last transactions.
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
+        let open_error = |e| StoreError::Config(format!("store {name}: cannot open ({e})"));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(timeout)
+            .connect_with(options.clone())
+            .await
+            .map_err(open_error)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(timeout)
             .connect_with(options)
             .await
-            .map_err(|e| StoreError::Config(format!("store {name}: cannot open ({e})")))?;
+            .map_err(open_error)?;
         // Two processes opening a new file at once may race to migrate; the
         // migrations are idempotent, so the loser just runs them again.
         let mut attempt = 0;
         loop {
-            match MIGRATOR.run(&pool).await {
+            match MIGRATOR.run(&writer).await {
                 Ok(()) => break,
                 Err(e) if attempt < 3 => {
                     tracing::debug!(store = %name, error = %e, "migration raced, retrying");
@@ -96,6 +109,7 @@ impl SqliteBackend {
         }
         Ok(SqliteBackend {
             pool,
+            writer,
             name,
             writes: AtomicU32::new(0),
         })
@@ -106,7 +120,7 @@ impl SqliteBackend {
     }
 
     async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>> {
-        self.pool
+        self.writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|e| self.error(e))
@@ -259,7 +273,7 @@ impl Backend for SqliteBackend {
         .bind(expiry(now, Some(ttl)))
         .bind(key)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(|e| self.error(e))?;
         Ok(done.rows_affected() == 1)
@@ -267,36 +281,37 @@ impl Backend for SqliteBackend {
 
     async fn map_read(&self, key: &str) -> Result<Option<FieldMap>> {
         let now = now_millis();
-        // One read transaction: the map row and its fields come from the
-        // same WAL snapshot.
-        let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
-        let head: Option<(i64, Option<i64>)> = sqlx::query_as(
-            "SELECT version, expires_at FROM sh_map \
-             WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)",
+        // One statement: the map row and its fields from one snapshot, in
+        // one round trip to SQLite's worker thread.
+        let rows = sqlx::query(
+            "SELECT m.version AS map_version, m.expires_at, f.field, f.value, f.version \
+             FROM sh_map m LEFT JOIN sh_map_field f ON f.key = m.key \
+             WHERE m.key = ?1 AND (m.expires_at IS NULL OR m.expires_at > ?2)",
         )
         .bind(key)
         .bind(now)
-        .fetch_optional(&mut *tx)
+        .fetch_all(&self.pool)
         .await
         .map_err(|e| self.error(e))?;
-        let Some((version, expires_at)) = head else {
+        let Some(first) = rows.first() else {
             return Ok(None);
         };
-        let rows = sqlx::query("SELECT field, value, version FROM sh_map_field WHERE key = ?1")
-            .bind(key)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| self.error(e))?;
-        tx.rollback().await.map_err(|e| self.error(e))?;
+        let corrupt = |e: sqlx::Error| StoreError::corrupt(&self.name, key, e.to_string());
+        let version: i64 = first.try_get("map_version").map_err(corrupt)?;
+        let expires_at: Option<i64> = first.try_get("expires_at").map_err(corrupt)?;
         let mut map = FieldMap {
-            version: version as u64,
+            version: u64::try_from(version).map_err(|_| {
+                StoreError::corrupt(&self.name, key, format!("negative version {version}"))
+            })?,
             expires_in: expires_at
                 .map(|at| Duration::from_millis(at.saturating_sub(now).max(0) as u64)),
             ..FieldMap::default()
         };
-        for row in rows {
-            let field: String = row.try_get("field").map_err(|e| self.error(e))?;
-            map.fields.insert(field, versioned(&self.name, key, &row)?);
+        for row in &rows {
+            let field: Option<String> = row.try_get("field").map_err(corrupt)?;
+            if let Some(field) = field {
+                map.fields.insert(field, versioned(&self.name, key, row)?);
+            }
         }
         Ok(Some(map))
     }
@@ -451,7 +466,7 @@ impl Backend for SqliteBackend {
         .bind(expiry(now, Some(ttl)))
         .bind(key)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(|e| self.error(e))?;
         Ok(done.rows_affected() == 1)
