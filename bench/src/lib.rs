@@ -7,10 +7,12 @@
 //! See `bench/README.md`.
 
 mod backends;
+pub mod cli;
 mod driver;
 mod machine;
 mod redis_benchmark;
 mod report;
+pub mod session;
 mod workloads;
 
 use std::net::SocketAddr;

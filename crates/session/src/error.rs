@@ -60,9 +60,12 @@ impl From<StoreError> for SessionError {
     fn from(e: StoreError) -> Self {
         match e {
             e if e.is_unavailable() => SessionError::Unavailable(e),
-            StoreError::TooLarge { what, size, limit } => {
-                SessionError::TooLarge { what, size, limit }
-            }
+            StoreError::TooLarge { what, size, limit } => SessionError::TooLarge {
+                // The store checks the session's map as a whole.
+                what: if what == "map" { "session" } else { what },
+                size,
+                limit,
+            },
             e => SessionError::Store(e),
         }
     }

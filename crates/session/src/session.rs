@@ -435,14 +435,14 @@ impl Session {
             }
             (state.id.clone(), merged)
         };
-        self.check_session_size(&merged)?;
         let new_id = SessionId::random();
         let created = now_secs();
         let ttl = self.capped_ttl(created).ok_or(SessionError::Ended)?;
         let mut patch = MapPatch::new()
             .set(CREATED, created.to_string())
             .existence(Existence::MustNotExist)
-            .ttl(ttl);
+            .ttl(ttl)
+            .max_bytes(self.config().max_session_bytes);
         for (field, value) in &merged {
             patch = patch.set(field.clone(), value.clone());
         }
@@ -553,7 +553,8 @@ impl Session {
         let mut patch = MapPatch::new()
             .set(CREATED, created.to_string())
             .existence(Existence::MustNotExist)
-            .ttl(ttl);
+            .ttl(ttl)
+            .max_bytes(self.config().max_session_bytes);
         for (field, value) in fields {
             patch = patch.set(field, value);
         }
@@ -589,19 +590,6 @@ impl Session {
         }
     }
 
-    fn check_session_size(&self, fields: &BTreeMap<String, Bytes>) -> Result<(), SessionError> {
-        let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
-        let limit = self.config().max_session_bytes;
-        if size > limit {
-            return Err(SessionError::TooLarge {
-                what: "session",
-                size,
-                limit,
-            });
-        }
-        Ok(())
-    }
-
     /// Applies the pending deltas and the sliding refresh after the handler
     /// ran; returns what to do with the cookie.
     pub(crate) async fn finish(&self) -> Result<CookieAction, SessionError> {
@@ -617,50 +605,54 @@ impl Session {
             return Ok(self.state().cookie.clone());
         }
 
-        // Writing needs to know whether the session exists and how big it
-        // is; usually the handler has read it already, so this is free.
-        let snapshot = self.load().await?;
         let (id, exists, created) = {
             let state = self.state();
-            (
-                state.id.clone(),
-                state.exists == Some(true),
-                state.created_secs,
-            )
+            (state.id.clone(), state.exists, state.created_secs)
         };
-        let mut projected = snapshot.fields.clone();
-        {
-            let state = self.state();
-            for (field, change) in state.written.iter().chain(pending.iter()) {
-                match change {
-                    Some(v) => projected.insert(field.clone(), v.clone()),
-                    None => projected.remove(field),
-                };
-            }
-        }
-        self.check_session_size(&projected)?;
-
         match id {
-            Some(id) if exists => {
-                let ttl = self.capped_ttl(created).ok_or(SessionError::Ended)?;
-                let mut patch = MapPatch::new().existence(Existence::MustExist).ttl(ttl);
-                for (field, change) in pending {
-                    patch = match change {
-                        Some(value) => patch.set(field, value),
-                        None => patch.remove(field),
-                    };
+            // A session known to exist, or presented by a verified cookie and
+            // not read by this request: write the deltas straight away, in
+            // one round trip; the store checks existence and the size limit
+            // atomically with the write.
+            Some(id) if exists != Some(false) => {
+                let patch = self.delta_patch(&pending, created)?;
+                match self.patch(&id, &patch).await {
+                    Ok(_) => {}
+                    // Never seen alive by this request: it expired or was
+                    // destroyed before. Start a new session (new id) with
+                    // these changes rather than fail; a session this request
+                    // *did* see alive stays ended (409).
+                    Err(SessionError::Ended) if exists.is_none() => {
+                        self.load().await?;
+                        self.create(sets_only(pending)).await?;
+                    }
+                    Err(e) => return Err(e),
                 }
-                self.patch(&id, &patch).await?;
             }
             _ => {
-                let fields = pending
-                    .into_iter()
-                    .filter_map(|(k, v)| v.map(|v| (k, v)))
-                    .collect();
-                self.create(fields).await?;
+                self.create(sets_only(pending)).await?;
             }
         }
         Ok(self.state().cookie.clone())
+    }
+
+    fn delta_patch(
+        &self,
+        pending: &BTreeMap<String, Option<Bytes>>,
+        created: u64,
+    ) -> Result<MapPatch, SessionError> {
+        let ttl = self.capped_ttl(created).ok_or(SessionError::Ended)?;
+        let mut patch = MapPatch::new()
+            .existence(Existence::MustExist)
+            .ttl(ttl)
+            .max_bytes(self.config().max_session_bytes);
+        for (field, change) in pending {
+            patch = match change {
+                Some(value) => patch.set(field.clone(), value.clone()),
+                None => patch.remove(field.clone()),
+            };
+        }
+        Ok(patch)
     }
 
     /// Pushes back the idle expiry if more than `touch_fraction` of it has
@@ -703,4 +695,11 @@ fn created_of(map: &FieldMap) -> Option<u64> {
     map.get(CREATED)
         .and_then(|b| std::str::from_utf8(b).ok())
         .and_then(|s| s.parse().ok())
+}
+
+fn sets_only(pending: BTreeMap<String, Option<Bytes>>) -> BTreeMap<String, Bytes> {
+    pending
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
 }

@@ -442,3 +442,24 @@ fn rejected_cookies_are_counted_by_reason() {
     assert_eq!(counted("bad_signature"), 2);
     assert_eq!(counted("malformed"), 1);
 }
+
+/// A handler that only writes costs one store round trip: the deltas go out
+/// as one patch that checks existence and the size limit itself.
+#[tokio::test]
+async fn a_blind_write_is_one_store_call() {
+    let h = harness(config());
+    let cookie = pair(&h.call("POST", "/set/a/1", None).await.set_cookie.unwrap());
+    let (reads, writes) = (
+        h.backend.reads.load(Ordering::SeqCst),
+        h.backend.writes.load(Ordering::SeqCst),
+    );
+    let reply = h.call("POST", "/set/b/2", Some(&cookie)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(h.backend.reads.load(Ordering::SeqCst), reads, "no read");
+    assert_eq!(
+        h.backend.writes.load(Ordering::SeqCst),
+        writes + 1,
+        "one patch"
+    );
+    assert_eq!(h.call("GET", "/get/b", Some(&cookie)).await.body, r#""2""#);
+}

@@ -25,7 +25,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@tests $open;
             kv_roundtrip, kv_conditions, kv_versions_not_reused, kv_ttl, kv_binary_values,
             map_roundtrip, map_conditions_all_or_nothing, map_existence, map_incr,
-            map_ttl, counters, namespaces_are_separate, limits_rejected_before_sending,
+            map_ttl, map_max_bytes, counters, namespaces_are_separate, limits_rejected_before_sending,
             concurrent_field_writes_lose_nothing, concurrent_increments_exact,
             concurrent_compare_and_set_exact);
     };
@@ -448,6 +448,79 @@ pub async fn map_ttl(store: &Store) {
         store.map_read("mt").await.unwrap().is_some(),
         "touch extended it"
     );
+}
+
+pub async fn map_max_bytes(store: &Store) {
+    // Size = Σ (name + value) bytes: "a"+"1234" = 5, "bb"+"xy" = 4.
+    store
+        .map_patch(
+            "mb",
+            &MapPatch::new()
+                .set("a", "1234")
+                .set("bb", "xy")
+                .max_bytes(9),
+        )
+        .await
+        .expect("9 bytes fit in 9");
+    let err = store
+        .map_patch("mb", &MapPatch::new().set("c", "z").max_bytes(9))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::TooLarge {
+                what: "map",
+                size: 11,
+                limit: 9
+            }
+        ),
+        "{err:?}"
+    );
+    let map = store.map_read("mb").await.unwrap().into_inner().unwrap();
+    assert!(map.get("c").is_none(), "nothing applied");
+    // Replacing and removing count what the map holds afterwards.
+    store
+        .map_patch(
+            "mb",
+            &MapPatch::new()
+                .set("a", "1")
+                .remove("bb")
+                .set("c", "z")
+                .max_bytes(4),
+        )
+        .await
+        .expect("a1 + cz = 4 bytes");
+    // Counters count their decimal digits.
+    let err = store
+        .map_patch("mb", &MapPatch::new().incr("n", 100).max_bytes(6))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::TooLarge { size: 8, .. }),
+        "{err:?}"
+    );
+    store
+        .map_patch("mb", &MapPatch::new().incr("n", 9).max_bytes(6))
+        .await
+        .expect("n9 = 2 bytes, 6 in all");
+    // Without a limit nothing is checked, and the size stays tracked.
+    store
+        .map_patch("mb", &MapPatch::new().set("big", vec![b'x'; 100]))
+        .await
+        .unwrap();
+    let err = store
+        .map_patch("mb", &MapPatch::new().remove("c").max_bytes(100))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::TooLarge { size: 107, .. }),
+        "{err:?}"
+    );
+    store
+        .map_patch("mb", &MapPatch::new().remove("big").max_bytes(100))
+        .await
+        .expect("back under the limit");
 }
 
 pub async fn counters(store: &Store) {

@@ -16,6 +16,7 @@ use crate::backend::{Backend, check_condition, next_version, plan_increments, un
 use crate::error::{Conflict, Result, StoreError};
 use crate::types::{
     Condition, Existence, FieldCondition, FieldMap, FieldOp, MapPatch, PatchOutcome, Versioned,
+    map_too_large,
 };
 
 #[derive(Debug)]
@@ -186,6 +187,12 @@ impl Backend for MemoryBackend {
             }
             // Every increment is computed before anything changes: all or nothing.
             let planned = plan_increments(&patch.ops, |f| fields.get(f).map(|v| v.value.as_ref()))?;
+            if let Some(limit) = patch.max_bytes {
+                let size = projected_size(fields, &patch.ops, &planned);
+                if size > limit {
+                    return Err(map_too_large(size, limit));
+                }
+            }
 
             let entry = match t.maps.get_mut(key) {
                 Some(e) if e.live(now) => e,
@@ -282,4 +289,29 @@ impl Backend for MemoryBackend {
     async fn counter(&self, key: &str) -> Result<Option<i64>> {
         Ok(self.with(|t, now| t.counters.get(key).filter(|e| e.live(now)).map(|e| e.data)))
     }
+}
+
+/// The map's size (names + values) after `ops`, given the planned counter
+/// values.
+fn projected_size(fields: &BTreeMap<String, Versioned>, ops: &[FieldOp], planned: &[i64]) -> usize {
+    let mut sizes: HashMap<&str, usize> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), k.len() + v.value.len()))
+        .collect();
+    let mut counters = planned.iter();
+    for op in ops {
+        match op {
+            FieldOp::Set(f, v) => {
+                sizes.insert(f, f.len() + v.len());
+            }
+            FieldOp::Remove(f) => {
+                sizes.remove(f.as_str());
+            }
+            FieldOp::Incr(f, _) => {
+                let n = counters.next().copied().unwrap_or_default();
+                sizes.insert(f, f.len() + n.to_string().len());
+            }
+        }
+    }
+    sizes.values().sum()
 }

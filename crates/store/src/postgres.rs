@@ -18,6 +18,7 @@ use crate::backend::{Backend, ttl_millis};
 use crate::error::{Conflict, Result, StoreError, UnavailableKind, redact_url};
 use crate::types::{
     Condition, Existence, FieldCondition, FieldMap, FieldOp, MapPatch, PatchOutcome, Versioned,
+    map_too_large,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -366,7 +367,7 @@ impl Backend for PostgresBackend {
             Existence::MustNotExist => 2,
         };
         let reply: Vec<i64> =
-            sqlx::query_scalar("SELECT sh_map_patch($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            sqlx::query_scalar("SELECT sh_map_patch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
                 .bind(key)
                 .bind(patch.ttl.map_or(0, ttl_millis))
                 .bind(existence)
@@ -376,9 +377,20 @@ impl Backend for PostgresBackend {
                 .bind(&fields)
                 .bind(&values)
                 .bind(&deltas)
+                .bind(
+                    patch
+                        .max_bytes
+                        .map_or(0, |m| i64::try_from(m).unwrap_or(i64::MAX)),
+                )
                 .fetch_one(&self.pool)
                 .await
-                .map_err(|e| self.error(e))?;
+                .map_err(|e| match &e {
+                    sqlx::Error::Database(db) if db.code().as_deref() == Some("SH002") => {
+                        let size = db.message().parse().unwrap_or(usize::MAX);
+                        map_too_large(size, patch.max_bytes.unwrap_or_default())
+                    }
+                    _ => self.error(e),
+                })?;
         match reply.as_slice() {
             [0, version, counters @ ..] => {
                 self.after_write().await;

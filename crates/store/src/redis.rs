@@ -2,8 +2,8 @@
 //!
 //! Layout in Redis (all of it private to this module):
 //! - versioned value: string `v:{key}` = `"{version}:{payload}"`;
-//! - field map: hash `m:{key}`, the meta field `""` holds the map's version,
-//!   every other field `"{version}:{payload}"`. One key per map, so all of a
+//! - field map: hash `m:{key}`, the meta field `""` holds the map's version
+//!   and size (`"{version}:{size}"`), every other field `"{version}:{payload}"`. One key per map, so all of a
 //!   map's fields live in one Cluster slot and a Lua script patches them
 //!   atomically;
 //! - counter: string `c:{key}` handled by INCRBY.
@@ -28,6 +28,7 @@ use crate::backend::{Backend, ttl_millis};
 use crate::error::{Conflict, Result, StoreError, UnavailableKind, redact_url};
 use crate::types::{
     Condition, Existence, FieldCondition, FieldMap, FieldOp, MapPatch, PatchOutcome, Versioned,
+    map_too_large,
 };
 
 /// A standalone connection manager (reconnects by itself) or a Cluster
@@ -285,18 +286,24 @@ return 1
 "#;
 
 /// KEYS[1] map key. ARGV: ttl ms (0 keeps), existence ('any'|'exist'|'new'),
-/// ncond, ncond × (field, 'a'|'v', version), nops, nops × (op 's'|'d'|'i',
-/// field, payload-or-delta). Returns {0, version, counters...} or
-/// {-1} exists, {-2} not found, {-3, cond index} mismatch, {-4, op index}
-/// not an integer.
+/// max bytes (0 = no limit), ncond, ncond × (field, 'a'|'v', version), nops,
+/// nops × (op 's'|'d'|'i', field, payload-or-delta). Returns
+/// {0, version, counters...} or {-1} exists, {-2} not found, {-3, cond
+/// index} mismatch, {-4, op index} not an integer, {-5, size} over max bytes.
+///
+/// The meta field `""` holds `"{version}:{size}"`, size being the sum of
+/// field name and payload lengths, kept up to date by every patch so the
+/// limit costs no scan. A script cannot roll back, so pass 1 computes every
+/// outcome (counters, size) before pass 2 writes anything.
 const PATCH_LUA: &str = r#"
 local k = KEYS[1]
 local exists = redis.call('EXISTS', k) == 1
 local ex = ARGV[2]
 if ex == 'exist' and not exists then return {-2} end
 if ex == 'new' and exists then return {-1} end
-local idx = 4
-for c = 1, tonumber(ARGV[3]) do
+local max = tonumber(ARGV[3])
+local idx = 5
+for c = 1, tonumber(ARGV[4]) do
   local f, kind, want = ARGV[idx], ARGV[idx + 1], ARGV[idx + 2]
   idx = idx + 3
   local raw = redis.call('HGET', k, f)
@@ -308,56 +315,81 @@ for c = 1, tonumber(ARGV[3]) do
 end
 local nops = tonumber(ARGV[idx])
 idx = idx + 1
-local first = idx
--- Pass 1: compute every increment in op order, apply nothing yet.
+local seq, size = 0, nil
+local meta = redis.call('HGET', k, '')
+if meta then
+  local i = string.find(meta, ':', 1, true)
+  if i then
+    seq = tonumber(string.sub(meta, 1, i - 1))
+    size = tonumber(string.sub(meta, i + 1))
+  else
+    seq = tonumber(meta)
+  end
+  if not seq then error('CORRUPT map version is not a number') end
+end
+if not size then
+  -- A map written without its size yet: count it once.
+  size = 0
+  local all = redis.call('HGETALL', k)
+  for j = 1, #all, 2 do
+    if all[j] ~= '' then
+      local _, p = split(all[j + 1])
+      size = size + #all[j] + #p
+    end
+  end
+end
 local function as_int(payload)
   if string.match(payload, '^%-?%d+$') and #payload <= 16 then return tonumber(payload) end
   return false
 end
-local pending = {}
+-- Pass 1: each touched field's payload as the patch leaves it (false:
+-- removed), the counters in op order, and the new size.
+local cur = {}
+local function current(f)
+  local c = cur[f]
+  if c == nil then
+    local raw = redis.call('HGET', k, f)
+    if raw then
+      local _, p = split(raw)
+      c = p
+    else
+      c = false
+    end
+    cur[f] = c
+  end
+  return c
+end
 local counters = {}
 for o = 1, nops do
   local op, f, arg = ARGV[idx], ARGV[idx + 1], ARGV[idx + 2]
   idx = idx + 3
+  local old = current(f)
+  if old then size = size - #f - #old end
   if op == 's' then
-    pending[f] = as_int(arg)
+    cur[f] = arg
   elseif op == 'd' then
-    pending[f] = 0
+    cur[f] = false
   else
-    local base = pending[f]
-    if base == nil then
-      local raw = redis.call('HGET', k, f)
-      if raw then
-        local _, payload = split(raw)
-        base = as_int(payload)
-      else
-        base = 0
-      end
-    end
+    local base = 0
+    if old then base = as_int(old) end
     if base == false then return {-4, o} end
     local n = base + tonumber(arg)
     if math.abs(n) > 9007199254740991 then return {-4, o} end
-    pending[f] = n
+    cur[f] = string.format('%d', n)
     table.insert(counters, n)
   end
+  if cur[f] then size = size + #f + #cur[f] end
 end
--- Pass 2: apply.
-local seq = tonumber(redis.call('HGET', k, '') or '0') or 0
+if max > 0 and size > max then return {-5, size} end
+-- Pass 2: write the final state of every touched field.
 local ver = next_version(seq)
 local vs = string.format('%d', ver)
-redis.call('HSET', k, '', vs)
-idx = first
-local ci = 1
-for o = 1, nops do
-  local op, f, arg = ARGV[idx], ARGV[idx + 1], ARGV[idx + 2]
-  idx = idx + 3
-  if op == 's' then
-    redis.call('HSET', k, f, vs .. ':' .. arg)
-  elseif op == 'd' then
-    redis.call('HDEL', k, f)
+redis.call('HSET', k, '', vs .. ':' .. string.format('%d', size))
+for f, v in pairs(cur) do
+  if v then
+    redis.call('HSET', k, f, vs .. ':' .. v)
   else
-    redis.call('HSET', k, f, vs .. ':' .. string.format('%d', counters[ci]))
-    ci = ci + 1
+    redis.call('HDEL', k, f)
   end
 end
 local ttl = tonumber(ARGV[1])
@@ -495,8 +527,10 @@ impl Backend for RedisBackend {
         let mut saw_meta = false;
         for (field, value) in raw {
             if field.is_empty() {
+                // "{version}" or "{version}:{size}"
                 map.version = std::str::from_utf8(&value)
                     .ok()
+                    .and_then(|s| s.split(':').next())
                     .and_then(|s| s.parse().ok())
                     .ok_or_else(|| corrupt("map version is not a number"))?;
                 saw_meta = true;
@@ -522,6 +556,7 @@ impl Backend for RedisBackend {
                 Existence::MustExist => "exist",
                 Existence::MustNotExist => "new",
             })
+            .arg(patch.max_bytes.unwrap_or(0))
             .arg(patch.conditions.len());
         for (field, condition) in &patch.conditions {
             match condition {
@@ -564,6 +599,10 @@ impl Backend for RedisBackend {
                     "field {field:?} is not an integer (or the result exceeds ±2^53)"
                 )))
             }
+            [-5, size, ..] => Err(map_too_large(
+                usize::try_from(*size).unwrap_or(usize::MAX),
+                patch.max_bytes.unwrap_or_default(),
+            )),
             [status, ..] if *status < 0 => Err(status_conflict(*status, None)),
             other => Err(StoreError::backend(
                 &self.name,

@@ -27,6 +27,7 @@ use crate::backend::{
 use crate::error::{Conflict, Result, StoreError, UnavailableKind, redact_url};
 use crate::types::{
     Condition, Existence, FieldCondition, FieldMap, FieldOp, MapPatch, PatchOutcome, Versioned,
+    map_too_large,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -76,19 +77,8 @@ impl SqliteBackend {
             // a power loss can drop the last transactions.
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
-        let open_error = |e| StoreError::Config(format!("store {name}: cannot open ({e})"));
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(timeout)
-            .connect_with(options.clone())
-            .await
-            .map_err(open_error)?;
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(timeout)
-            .connect_with(options)
-            .await
-            .map_err(open_error)?;
+        let writer = connect(&name, 1, timeout, &options).await?;
+        let pool = connect(&name, 8, timeout, &options).await?;
         // Two processes opening a new file at once may race to migrate; the
         // migrations are idempotent, so the loser just runs them again.
         let mut attempt = 0;
@@ -159,6 +149,40 @@ impl SqliteBackend {
                 .map_err(|e| self.error(e))?;
         }
         tx.commit().await.map_err(|e| self.error(e))
+    }
+}
+
+/// Opens a pool. Switching a new file to WAL needs a moment of exclusive
+/// access, so a process opening the file while another one migrates it can
+/// see SQLITE_BUSY before any busy timeout applies: that is retried for a few
+/// seconds, anything else is reported at once.
+async fn connect(
+    name: &str,
+    connections: u32,
+    timeout: Duration,
+    options: &SqliteConnectOptions,
+) -> Result<SqlitePool> {
+    let mut attempt = 0;
+    loop {
+        let result = SqlitePoolOptions::new()
+            .max_connections(connections)
+            .acquire_timeout(timeout)
+            .connect_with(options.clone())
+            .await;
+        match result {
+            Ok(pool) => return Ok(pool),
+            Err(sqlx::Error::Database(db))
+                if attempt < 50 && matches!(db.code().as_deref(), Some("5" | "6")) =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(StoreError::Config(format!(
+                    "store {name}: cannot open ({e})"
+                )));
+            }
+        }
     }
 }
 
@@ -429,6 +453,22 @@ impl Backend for SqliteBackend {
             .execute(&mut *tx)
             .await
             .map_err(|e| self.error(e))?;
+        }
+        if let Some(limit) = patch.max_bytes {
+            // Counted inside the write transaction, after the changes: over
+            // the limit, dropping `tx` rolls everything back.
+            let size: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(SUM(length(CAST(field AS BLOB)) + length(value)), 0) \
+                 FROM sh_map_field WHERE key = ?1",
+            )
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| self.error(e))?;
+            let size = usize::try_from(size).unwrap_or(usize::MAX);
+            if size > limit {
+                return Err(map_too_large(size, limit));
+            }
         }
         self.commit(tx).await?;
         Ok(PatchOutcome { version, counters })

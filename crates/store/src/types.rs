@@ -104,6 +104,11 @@ pub struct MapPatch {
     /// New time to live for the whole map; `None` keeps the current expiry
     /// (a new map then has none).
     pub ttl: Option<Duration>,
+    /// Upper bound on the map's size after the patch, counted as the sum of
+    /// field name and value lengths in bytes. Checked atomically with the
+    /// patch by the backend, so concurrent writers cannot together exceed
+    /// it; over it the patch fails with `TooLarge` and changes nothing.
+    pub max_bytes: Option<usize>,
 }
 
 impl MapPatch {
@@ -139,6 +144,20 @@ impl MapPatch {
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
+    }
+
+    pub fn max_bytes(mut self, limit: usize) -> Self {
+        self.max_bytes = Some(limit);
+        self
+    }
+}
+
+/// The error for a map over its `max_bytes`.
+pub(crate) fn map_too_large(size: usize, limit: usize) -> crate::StoreError {
+    crate::StoreError::TooLarge {
+        what: "map",
+        size,
+        limit,
     }
 }
 

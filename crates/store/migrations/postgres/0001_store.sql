@@ -43,11 +43,14 @@ $$;
 -- p_cond_versions[i] < 0 means "field must be absent".
 -- p_op_kinds[i]: 's' set (p_op_values[i]), 'd' remove, 'i' add p_op_deltas[i].
 -- Returns {0, version, counters...}, or {-1} exists, {-2} not found,
--- {-3, i} condition i failed. A non-integer field raises SQLSTATE SH001.
+-- {-3, i} condition i failed. A non-integer field raises SQLSTATE SH001; a
+-- map over p_max_bytes (> 0) after the changes raises SH002 with the size as
+-- its message. Raising rolls the whole call back.
 CREATE OR REPLACE FUNCTION sh_map_patch(
     p_key text, p_ttl_ms bigint, p_existence int,
     p_cond_fields text[], p_cond_versions bigint[],
-    p_op_kinds text[], p_op_fields text[], p_op_values bytea[], p_op_deltas bigint[]
+    p_op_kinds text[], p_op_fields text[], p_op_values bytea[], p_op_deltas bigint[],
+    p_max_bytes bigint
 ) RETURNS bigint[] LANGUAGE plpgsql AS $$
 DECLARE
     v_now     timestamptz := clock_timestamp();
@@ -58,6 +61,7 @@ DECLARE
     v_val     bytea;
     v_txt     text;
     v_n       bigint;
+    v_size    bigint;
     v_out     bigint[] := '{}';
 BEGIN
     SELECT * INTO v_row FROM sh_map WHERE key = p_key FOR UPDATE;
@@ -111,6 +115,14 @@ BEGIN
             v_out := v_out || v_n;
         END IF;
     END LOOP;
+
+    IF p_max_bytes > 0 THEN
+        SELECT COALESCE(SUM(octet_length(field) + octet_length(value)), 0) INTO v_size
+            FROM sh_map_field WHERE key = p_key;
+        IF v_size > p_max_bytes THEN
+            RAISE EXCEPTION USING ERRCODE = 'SH002', MESSAGE = v_size::text;
+        END IF;
+    END IF;
 
     UPDATE sh_map SET
         version = v_version,
