@@ -119,6 +119,17 @@ impl PostgresBackend {
         }
     }
 
+    /// Runs `UPDATE ... SET expires_at = now + $2 ms WHERE key = $1 AND live`.
+    async fn touch_row(&self, sql: &'static str, key: &str, ttl: Duration) -> Result<bool> {
+        let done = sqlx::query(sql)
+            .bind(key)
+            .bind(ttl_millis(ttl))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Classifies a failed conditional write on a versioned value.
     async fn kv_conflict(&self, key: &str) -> Result<StoreError> {
         let live: Option<i64> = sqlx::query_scalar(concat!(
@@ -281,17 +292,16 @@ impl Backend for PostgresBackend {
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
-        let done = sqlx::query(concat!(
-            "UPDATE sh_kv SET expires_at = clock_timestamp() + $2 * interval '1 millisecond' \
-             WHERE key = $1 AND ",
-            live!()
-        ))
-        .bind(key)
-        .bind(ttl_millis(ttl))
-        .execute(&self.pool)
+        self.touch_row(
+            concat!(
+                "UPDATE sh_kv SET expires_at = clock_timestamp() + $2 * interval '1 millisecond' \
+                 WHERE key = $1 AND ",
+                live!()
+            ),
+            key,
+            ttl,
+        )
         .await
-        .map_err(|e| self.error(e))?;
-        Ok(done.rows_affected() == 1)
     }
 
     async fn map_read(&self, key: &str) -> Result<Option<FieldMap>> {
@@ -423,17 +433,16 @@ impl Backend for PostgresBackend {
     }
 
     async fn map_touch(&self, key: &str, ttl: Duration) -> Result<bool> {
-        let done = sqlx::query(concat!(
-            "UPDATE sh_map SET expires_at = clock_timestamp() + $2 * interval '1 millisecond' \
-             WHERE key = $1 AND ",
-            live!()
-        ))
-        .bind(key)
-        .bind(ttl_millis(ttl))
-        .execute(&self.pool)
+        self.touch_row(
+            concat!(
+                "UPDATE sh_map SET expires_at = clock_timestamp() + $2 * interval '1 millisecond' \
+                 WHERE key = $1 AND ",
+                live!()
+            ),
+            key,
+            ttl,
+        )
         .await
-        .map_err(|e| self.error(e))?;
-        Ok(done.rows_affected() == 1)
     }
 
     async fn incr(&self, key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64> {

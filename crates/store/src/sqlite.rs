@@ -126,6 +126,33 @@ impl SqliteBackend {
         Ok(())
     }
 
+    /// `(version, expires_at)` of a value row, expired or not, inside a
+    /// write transaction.
+    async fn kv_head(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        key: &str,
+    ) -> Result<Option<(i64, Option<i64>)>> {
+        sqlx::query_as("SELECT version, expires_at FROM sh_kv WHERE key = ?1")
+            .bind(key)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Runs `UPDATE ... SET expires_at = ?1 WHERE key = ?2 AND live(?3)`.
+    async fn touch_row(&self, sql: &'static str, key: &str, ttl: Duration) -> Result<bool> {
+        let now = now_millis();
+        let done = sqlx::query(sql)
+            .bind(expiry(now, Some(ttl)))
+            .bind(key)
+            .bind(now)
+            .execute(&self.writer)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Deletes a batch of expired rows. Correctness never depends on it:
     /// every query already ignores expired rows.
     async fn purge_expired(&self) -> Result<()> {
@@ -239,12 +266,7 @@ impl Backend for SqliteBackend {
     ) -> Result<u64> {
         let now = now_millis();
         let mut tx = self.write_tx().await?;
-        let current: Option<(i64, Option<i64>)> =
-            sqlx::query_as("SELECT version, expires_at FROM sh_kv WHERE key = ?1")
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| self.error(e))?;
+        let current = self.kv_head(&mut tx, key).await?;
         let live_version = current
             .filter(|(_, exp)| live(*exp, now))
             .map(|(v, _)| v as u64);
@@ -269,12 +291,7 @@ impl Backend for SqliteBackend {
     async fn delete(&self, key: &str, condition: Condition) -> Result<bool> {
         let now = now_millis();
         let mut tx = self.write_tx().await?;
-        let current: Option<(i64, Option<i64>)> =
-            sqlx::query_as("SELECT version, expires_at FROM sh_kv WHERE key = ?1")
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| self.error(e))?;
+        let current = self.kv_head(&mut tx, key).await?;
         let live_version = current
             .filter(|(_, exp)| live(*exp, now))
             .map(|(v, _)| v as u64);
@@ -289,18 +306,13 @@ impl Backend for SqliteBackend {
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
-        let now = now_millis();
-        let done = sqlx::query(
+        self.touch_row(
             "UPDATE sh_kv SET expires_at = ?1 \
              WHERE key = ?2 AND (expires_at IS NULL OR expires_at > ?3)",
+            key,
+            ttl,
         )
-        .bind(expiry(now, Some(ttl)))
-        .bind(key)
-        .bind(now)
-        .execute(&self.writer)
         .await
-        .map_err(|e| self.error(e))?;
-        Ok(done.rows_affected() == 1)
     }
 
     async fn map_read(&self, key: &str) -> Result<Option<FieldMap>> {
@@ -498,18 +510,13 @@ impl Backend for SqliteBackend {
     }
 
     async fn map_touch(&self, key: &str, ttl: Duration) -> Result<bool> {
-        let now = now_millis();
-        let done = sqlx::query(
+        self.touch_row(
             "UPDATE sh_map SET expires_at = ?1 \
              WHERE key = ?2 AND (expires_at IS NULL OR expires_at > ?3)",
+            key,
+            ttl,
         )
-        .bind(expiry(now, Some(ttl)))
-        .bind(key)
-        .bind(now)
-        .execute(&self.writer)
         .await
-        .map_err(|e| self.error(e))?;
-        Ok(done.rows_affected() == 1)
     }
 
     async fn incr(&self, key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64> {
