@@ -69,8 +69,8 @@ async fn two_instances_lose_no_update(backend: Backend, tag: &str) {
     let http = client();
     let created = http.post(format!("{a}/set/start/1")).send().await.unwrap();
     let cookie = session_cookie(&created).expect("session created");
-    let pick = |i: usize| if i % 2 == 0 { &a } else { &b };
-    let other = |i: usize| if i % 2 == 0 { &b } else { &a };
+    let pick = |i: usize| if i.is_multiple_of(2) { &a } else { &b };
+    let other = |i: usize| if i.is_multiple_of(2) { &b } else { &a };
     let send = |request: reqwest::RequestBuilder| request.header("cookie", &cookie).send();
 
     // Distinct fields, alternating instances, IN_FLIGHT at a time.
