@@ -1,0 +1,450 @@
+//! Forwarding: one client request to one instance, with retries where they are provably safe.
+//!
+//! The request goes through, top to bottom:
+//! 1. the framing guard's verdict (HTTP/1): refused heads are answered 400/431 here;
+//! 2. [`normalize_request`]: framing checks, hop-by-hop headers, `X-Forwarded-*`, request id;
+//! 3. the body source: empty or buffered (replayable), or the stream lent to each attempt;
+//! 4. attempts: pick an instance (usable and not yet tried; failing open to any non-draining
+//!    one), send over the pooled keep-alive client, wait for the response head within
+//!    `timeouts.upstream_response`;
+//! 5. on failure, the retry rule: a **connect failure** means the request never left, so it is
+//!    retried on another instance whatever its method (if the body is still in hand); any other
+//!    failure (reset, timeout) may have reached the instance and is retried only with
+//!    `retry.idempotent`, an idempotent method and a buffered body. Every retry spends from the
+//!    budget. A POST that may have reached an instance is never sent again.
+//! 6. the response: hop-by-hop headers stripped, the sticky cookie (re)set, and for a `101` the
+//!    two upgraded connections spliced together.
+
+mod body;
+pub mod framing;
+pub mod normalize;
+mod retry;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+pub use body::ProxyBody;
+pub(crate) use body::{BodySource, UpstreamBody};
+use framing::{ConnShared, Verdict};
+use normalize::{ForwardContext, X_REQUEST_ID, normalize_request, normalize_response};
+use retry::RetryBudget;
+
+use crate::config::{HashKey, LbConfig, PolicyKind};
+use crate::discovery::{Backend, BackendSet};
+use crate::health::{Outcome, record_outcome};
+use crate::metrics::{LbMetrics, inc};
+use crate::selection::{PinOutcome, RequestKey};
+
+/// Tells spawned tunnels when to stop, and lets shutdown wait for them (dropped senders).
+#[derive(Debug, Clone)]
+pub(crate) struct Lifecycle {
+    pub(crate) cut: watch::Receiver<bool>,
+    pub(crate) done: mpsc::Sender<()>,
+}
+
+/// Marks a request in flight on its client connection (the idle timeout waits for zero).
+#[derive(Debug)]
+pub(crate) struct ConnRequest(Arc<ConnShared>);
+
+impl ConnRequest {
+    fn new(shared: &Arc<ConnShared>) -> Self {
+        shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(shared))
+    }
+}
+
+impl Drop for ConnRequest {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One client connection's facts, shared by its requests.
+#[derive(Debug)]
+pub(crate) struct ConnCtx {
+    pub(crate) client: SocketAddr,
+    pub(crate) shared: Arc<ConnShared>,
+    pub(crate) lifecycle: Lifecycle,
+}
+
+/// Why the last attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    NoInstance,
+    Connect,
+    Timeout,
+    Upstream,
+}
+
+/// The forwarding half of the balancer, shared by every connection.
+#[derive(Debug)]
+pub(crate) struct Proxy {
+    pub(crate) set: Arc<BackendSet>,
+    pub(crate) metrics: LbMetrics,
+    client: Client<HttpConnector, UpstreamBody>,
+    config: Arc<LbConfig>,
+    budget: RetryBudget,
+}
+
+impl Proxy {
+    pub(crate) fn new(set: Arc<BackendSet>, config: Arc<LbConfig>) -> Self {
+        let t = &config.timeouts;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(t.connect));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(t.upstream_idle)
+            .pool_max_idle_per_host(256)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        let budget = RetryBudget::new(config.retry.budget_ratio, config.retry.budget_min_per_sec);
+        Self {
+            set,
+            metrics: LbMetrics::default(),
+            client,
+            config,
+            budget,
+        }
+    }
+
+    /// Serves one client request. Never fails: every failure is an HTTP answer.
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<ConnCtx>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let conn_req = ConnRequest::new(&conn.shared);
+        if req.version() <= Version::HTTP_11
+            && let Some(Verdict::Reject(status, reason)) = conn.shared.next_verdict()
+        {
+            return Ok(self.reject(status, reason, req.version()));
+        }
+        let (mut parts, body) = req.into_parts();
+        let ctx = ForwardContext {
+            client_ip: conn.client.ip(),
+            proto: "http",
+            new_request_id: format!("{:032x}", fastrand::u128(..)),
+        };
+        let norm = match normalize_request(&parts.method, parts.version, &mut parts.headers, &ctx) {
+            Ok(n) => n,
+            Err(r) => return Ok(self.reject(r.status().as_u16(), r.reason(), parts.version)),
+        };
+        if !parts.headers.contains_key(header::HOST) {
+            // HTTP/2 carries the host in :authority; an HTTP/1.1 instance needs it in Host.
+            if let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let client_upgrade = if norm.upgrade.is_some() {
+            parts.extensions.remove::<OnUpgrade>()
+        } else {
+            None
+        };
+
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        );
+        let retry_cfg = &self.config.retry;
+        let source = if body.is_end_stream() {
+            BodySource::Full(Bytes::new())
+        } else if retry_cfg.idempotent
+            && idempotent
+            && body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= retry_cfg.buffer_body_bytes)
+        {
+            match body.collect().await {
+                Ok(c) => BodySource::Full(c.to_bytes()),
+                Err(_) => return Ok(self.reject(400, "request body ended early", parts.version)),
+            }
+        } else {
+            BodySource::streamed(body)
+        };
+
+        let key_storage = self.request_key(&parts.headers, parts.uri.path());
+        let key = RequestKey {
+            hash_key: key_storage.0.as_deref(),
+            pin: key_storage.1.as_deref(),
+        };
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+
+        self.budget.deposit();
+        let mut tried: Vec<Arc<Backend>> = Vec::new();
+        let mut failure = Failure::NoInstance;
+        for attempt in 0..retry_cfg.max_attempts {
+            let Some(attempt_body) = source.next() else {
+                break;
+            };
+            let Some((backend, pin)) = self.pick(&key, &tried) else {
+                break;
+            };
+            if pin == PinOutcome::Broken {
+                self.count_broken_pin(key.pin);
+            }
+            let guard = backend.start_request();
+            inc(&backend.metrics.requests);
+            let mut up = Request::new(attempt_body);
+            *up.method_mut() = parts.method.clone();
+            *up.version_mut() = Version::HTTP_11;
+            *up.headers_mut() = parts.headers.clone();
+            *up.uri_mut() = match format!("http://{}{}", backend.addr(), path_and_query).parse() {
+                Ok(u) => u,
+                // The address was validated as host:port and the path came from a parsed URI.
+                Err(_) => {
+                    return Ok(self.reject(400, "unforwardable request target", parts.version));
+                }
+            };
+            let started = Instant::now();
+            let result = tokio::time::timeout(
+                self.config.timeouts.upstream_response,
+                self.client.request(up),
+            )
+            .await;
+            let (outcome, may_retry) = match result {
+                Ok(Ok(mut resp)) => {
+                    let rtt = started.elapsed();
+                    backend.metrics.observe_latency(rtt);
+                    backend.observe_latency(rtt, self.config.p2c.decay);
+                    let outcome = if resp.status().is_server_error() {
+                        Outcome::ServerError
+                    } else {
+                        Outcome::Success
+                    };
+                    if outcome != Outcome::Success {
+                        inc(&backend.metrics.errors);
+                    }
+                    record_outcome(&self.set, &backend, outcome, &self.config.passive);
+                    let server_upgrade = resp.extensions_mut().remove::<OnUpgrade>();
+                    let (mut rparts, rbody) = resp.into_parts();
+                    normalize_response(rparts.status, &mut rparts.headers);
+                    rparts.version = parts.version;
+                    rparts.headers.insert(X_REQUEST_ID, norm.request_id.clone());
+                    if matches!(pin, PinOutcome::New | PinOutcome::Broken) {
+                        self.set_pin_cookie(&mut rparts.headers, &backend);
+                    }
+                    let body = if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
+                        match (client_upgrade, server_upgrade) {
+                            (Some(c), Some(s)) => spawn_tunnel(c, s, guard, conn.lifecycle.clone()),
+                            // An instance answering 101 to a request that is not an upgrade.
+                            _ => {
+                                return Ok(
+                                    self.reject_status(StatusCode::BAD_GATEWAY, "unexpected 101")
+                                );
+                            }
+                        }
+                        ProxyBody::full(Bytes::new())
+                    } else {
+                        ProxyBody::upstream(rbody, Some((guard, conn_req)))
+                    };
+                    return Ok(Response::from_parts(rparts, body));
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    failure = Failure::Connect;
+                    tracing::debug!(instance = backend.name(), error = %e, "connect failed");
+                    // Never sent: safe to retry for any method, if the body is still in hand
+                    // (checked by `source.next()` at the top of the loop).
+                    (Outcome::ConnectFailure, true)
+                }
+                Ok(Err(e)) => {
+                    failure = Failure::Upstream;
+                    tracing::debug!(instance = backend.name(), error = %e, "upstream failed");
+                    (
+                        Outcome::OtherFailure,
+                        retry_cfg.idempotent && idempotent && source.is_replayable(),
+                    )
+                }
+                Err(_) => {
+                    failure = Failure::Timeout;
+                    (
+                        Outcome::OtherFailure,
+                        retry_cfg.idempotent && idempotent && source.is_replayable(),
+                    )
+                }
+            };
+            inc(&backend.metrics.errors);
+            record_outcome(&self.set, &backend, outcome, &self.config.passive);
+            tried.push(backend);
+            if !may_retry || attempt + 1 >= retry_cfg.max_attempts {
+                break;
+            }
+            if !self.budget.withdraw() {
+                inc(&self.metrics.budget_exhausted);
+                break;
+            }
+            if let Some(b) = tried.last() {
+                inc(&b.metrics.retries);
+            }
+        }
+        let (status, msg) = match failure {
+            Failure::NoInstance => {
+                inc(&self.metrics.no_instance);
+                (StatusCode::SERVICE_UNAVAILABLE, "no instance available")
+            }
+            Failure::Connect => (StatusCode::BAD_GATEWAY, "could not connect to an instance"),
+            Failure::Upstream => (StatusCode::BAD_GATEWAY, "the instance failed to answer"),
+            Failure::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "the instance did not answer in time",
+            ),
+        };
+        Ok(self.reject_status(status, msg))
+    }
+
+    /// Picks an instance not yet tried: a usable one if any, else (fail open) any that is not
+    /// draining.
+    fn pick(
+        &self,
+        key: &RequestKey<'_>,
+        tried: &[Arc<Backend>],
+    ) -> Option<(Arc<Backend>, PinOutcome)> {
+        let snap = self.set.snapshot();
+        let untried = |b: &Backend| !tried.iter().any(|t| std::ptr::eq(Arc::as_ptr(t), b));
+        let strict = |b: &Backend| b.is_usable() && untried(b);
+        if let Some(p) = snap.selector.select(&snap.backends, key, &strict) {
+            return Some((Arc::clone(&snap.backends[p.index]), p.pin));
+        }
+        let lenient = |b: &Backend| !b.is_draining() && untried(b);
+        let p = snap.selector.select(&snap.backends, key, &lenient)?;
+        inc(&self.metrics.fail_open);
+        Some((Arc::clone(&snap.backends[p.index]), p.pin))
+    }
+
+    fn count_broken_pin(&self, pin: Option<&str>) {
+        inc(&self.metrics.broken_pins);
+        if let Some(b) = pin.and_then(|p| {
+            self.set
+                .backends()
+                .iter()
+                .find(|b| b.sticky_id() == p)
+                .cloned()
+        }) {
+            inc(&b.metrics.broken_pins);
+        }
+    }
+
+    fn set_pin_cookie(&self, headers: &mut HeaderMap, backend: &Backend) {
+        let v = format!(
+            "{}={}; Path=/; HttpOnly; SameSite=Lax",
+            self.config.sticky.cookie,
+            backend.sticky_id()
+        );
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            headers.append(header::SET_COOKIE, v);
+        }
+    }
+
+    /// The hash key and the sticky pin of a request, as owned bytes.
+    fn request_key(&self, headers: &HeaderMap, path: &str) -> (Option<Vec<u8>>, Option<String>) {
+        match self.config.policy {
+            PolicyKind::Hash => {
+                let k = match &self.config.hash.key {
+                    Some(HashKey::Header(h)) => headers.get(h).map(|v| v.as_bytes().to_vec()),
+                    Some(HashKey::Cookie(c)) => cookie(headers, c).map(|v| v.as_bytes().to_vec()),
+                    Some(HashKey::Path) => Some(path.as_bytes().to_vec()),
+                    None => None,
+                };
+                (k, None)
+            }
+            PolicyKind::Sticky => (
+                None,
+                cookie(headers, &self.config.sticky.cookie).map(str::to_owned),
+            ),
+            PolicyKind::RoundRobin | PolicyKind::P2cEwma => (None, None),
+        }
+    }
+
+    fn reject(&self, status: u16, reason: &str, version: Version) -> Response<ProxyBody> {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+        match status.as_u16() {
+            431 => inc(&self.metrics.rejected_431),
+            _ => inc(&self.metrics.rejected_400),
+        }
+        let mut r = self.reject_status(status, reason);
+        if version <= Version::HTTP_11 {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
+
+    fn reject_status(&self, status: StatusCode, reason: &str) -> Response<ProxyBody> {
+        let mut r = Response::new(ProxyBody::full(format!("{reason}\n")));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// Splices a client's upgraded connection to the instance's, in a task that holds the
+/// instance's in-flight count until either side closes, or shutdown cuts it.
+fn spawn_tunnel(
+    client: OnUpgrade,
+    server: OnUpgrade,
+    guard: crate::discovery::InFlight,
+    mut life: Lifecycle,
+) {
+    tokio::spawn(async move {
+        let _guard = guard;
+        let _done = life.done.clone();
+        let splice = async {
+            let (c, s) = tokio::try_join!(client, server)?;
+            let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+            tokio::io::copy_bidirectional(&mut c, &mut s)
+                .await
+                .map_err(|e| {
+                    tracing::debug!(error = %e, "tunnel closed");
+                    e
+                })?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        };
+        tokio::select! {
+            _ = splice => {}
+            () = crate::until_set(&mut life.cut) => {}
+        }
+    });
+}

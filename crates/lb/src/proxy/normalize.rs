@@ -1,0 +1,362 @@
+//! Request and response head normalization: one pure function each, so that the fuzz target can
+//! drive exactly what the proxy runs.
+//!
+//! On the way to an instance: framing checks (a second line of defence behind `framing`, and the
+//! only one for HTTP/2), hop-by-hop headers removed (the fixed list and every header named in
+//! `Connection`), `X-Forwarded-For` appended, `X-Forwarded-Proto` set, a request id kept or
+//! added. An `Upgrade` survives only on a real HTTP/1.1 upgrade request, with
+//! `Connection: upgrade` put back.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Version};
+
+/// `X-Forwarded-For`.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Request-Id`.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1, plus the
+/// non-standard `Proxy-Connection` and `Keep-Alive`).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Facts about the connection a request came in on.
+#[derive(Debug, Clone)]
+pub struct ForwardContext {
+    /// The client's address, appended to `X-Forwarded-For`.
+    pub client_ip: IpAddr,
+    /// `http` (the proxy terminates no TLS).
+    pub proto: &'static str,
+    /// The id to use if the request brings none (or an unusable one).
+    pub new_request_id: String,
+}
+
+/// Why a request head was refused; the status to answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadRejection {
+    /// Both `Content-Length` and `Transfer-Encoding`: the classic smuggling vector.
+    ContentLengthWithTransferEncoding,
+    /// More than one `Content-Length` (equal or not).
+    MultipleContentLength,
+    /// A `Content-Length` that is not a decimal number.
+    InvalidContentLength,
+    /// A `Transfer-Encoding` whose last coding is not `chunked`, or one on HTTP/1.0 or HTTP/2.
+    InvalidTransferEncoding,
+}
+
+impl HeadRejection {
+    /// The status to answer with.
+    pub fn status(self) -> http::StatusCode {
+        http::StatusCode::BAD_REQUEST
+    }
+
+    /// A short reason for the response body and logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::ContentLengthWithTransferEncoding => "both Content-Length and Transfer-Encoding",
+            Self::MultipleContentLength => "more than one Content-Length",
+            Self::InvalidContentLength => "invalid Content-Length",
+            Self::InvalidTransferEncoding => "invalid Transfer-Encoding",
+        }
+    }
+}
+
+/// What the proxy needs to know after normalizing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Normalized {
+    /// The `Upgrade` value when this is an HTTP/1.1 upgrade request (WebSocket).
+    pub upgrade: Option<HeaderValue>,
+    /// The request id now in the headers.
+    pub request_id: HeaderValue,
+}
+
+/// Checks framing and rewrites `headers` for forwarding. Pure: same input, same output.
+///
+/// # Errors
+/// A [`HeadRejection`] when the head must not be forwarded at all.
+pub fn normalize_request(
+    method: &Method,
+    version: Version,
+    headers: &mut HeaderMap,
+    ctx: &ForwardContext,
+) -> Result<Normalized, HeadRejection> {
+    check_framing(version, headers)?;
+
+    let upgrade = if version == Version::HTTP_11 && connection_has(headers, "upgrade") {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    // CONNECT would make the proxy a generic tunnel; it is not forwarded as an upgrade.
+    let upgrade = upgrade.filter(|_| method != Method::CONNECT);
+
+    strip_hop_by_hop(headers);
+    if let Some(u) = &upgrade {
+        headers.insert(header::UPGRADE, u.clone());
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+
+    // X-Forwarded-For: the incoming chain (all lines, comma-joined) plus this hop's client.
+    let mut chain = String::new();
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = v.to_str() {
+            let s = s.trim();
+            if !s.is_empty() {
+                if !chain.is_empty() {
+                    chain.push_str(", ");
+                }
+                chain.push_str(s);
+            }
+        }
+    }
+    if !chain.is_empty() {
+        chain.push_str(", ");
+    }
+    chain.push_str(&ctx.client_ip.to_string());
+    headers.remove(&X_FORWARDED_FOR);
+    headers.insert(
+        X_FORWARDED_FOR,
+        HeaderValue::from_str(&chain).expect("visible ASCII from to_str and an IP address"),
+    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(ctx.proto));
+
+    // A request id: the client's if it is one plausible id, else ours.
+    let ids: Vec<&HeaderValue> = headers.get_all(&X_REQUEST_ID).iter().collect();
+    let request_id = match ids.as_slice() {
+        [one] if is_good_request_id(one.as_bytes()) => (*one).clone(),
+        _ => HeaderValue::from_str(&ctx.new_request_id)
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+    };
+    headers.insert(X_REQUEST_ID, request_id.clone());
+
+    Ok(Normalized {
+        upgrade,
+        request_id,
+    })
+}
+
+/// Strips hop-by-hop headers from an instance's response. A `101 Switching Protocols` keeps
+/// `Upgrade` and `Connection`, which the client needs to complete the upgrade.
+pub fn normalize_response(status: http::StatusCode, headers: &mut HeaderMap) {
+    if status == http::StatusCode::SWITCHING_PROTOCOLS {
+        let upgrade = headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(headers);
+        if let Some(u) = upgrade {
+            headers.insert(header::UPGRADE, u);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    } else {
+        strip_hop_by_hop(headers);
+    }
+}
+
+fn check_framing(version: Version, headers: &HeaderMap) -> Result<(), HeadRejection> {
+    let cls: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    let te: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if !cls.is_empty() && !te.is_empty() {
+        return Err(HeadRejection::ContentLengthWithTransferEncoding);
+    }
+    if cls.len() > 1 {
+        return Err(HeadRejection::MultipleContentLength);
+    }
+    if let Some(cl) = cls.first() {
+        let b = cl.as_bytes();
+        if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+            return Err(HeadRejection::InvalidContentLength);
+        }
+    }
+    if !te.is_empty() {
+        if version != Version::HTTP_11 {
+            return Err(HeadRejection::InvalidTransferEncoding);
+        }
+        // Bytes, not `to_str`: the framing guard reads the same bytes the same way.
+        let last = te
+            .last()
+            .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+            .map(|c| c.trim_ascii());
+        if !last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
+            return Err(HeadRejection::InvalidTransferEncoding);
+        }
+    }
+    Ok(())
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the client declared connection-specific (`Connection: close, x-foo`).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+fn is_good_request_id(b: &[u8]) -> bool {
+    (1..=128).contains(&b.len())
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || b"-_.:".contains(&c))
+}
+
+/// True if a hop-by-hop header is present (`Upgrade` and `Connection` are allowed when
+/// `allow_upgrade`). For tests and the fuzz target.
+pub fn has_hop_by_hop(headers: &HeaderMap, allow_upgrade: bool) -> bool {
+    HOP_BY_HOP.iter().any(|n| {
+        let allowed = allow_upgrade && (n == header::UPGRADE || n == header::CONNECTION);
+        !allowed && headers.contains_key(n)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> ForwardContext {
+        ForwardContext {
+            client_ip: [10, 0, 0, 9].into(),
+            proto: "http",
+            new_request_id: "rid-1".into(),
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn run(pairs: &[(&str, &str)]) -> Result<(HeaderMap, Normalized), HeadRejection> {
+        let mut h = headers(pairs);
+        normalize_request(&Method::GET, Version::HTTP_11, &mut h, &ctx()).map(|n| (h, n))
+    }
+
+    #[test]
+    fn strips_hop_by_hop_including_headers_named_in_connection() {
+        let (h, n) = run(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic x"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ])
+        .unwrap();
+        assert!(!has_hop_by_hop(&h, false));
+        assert!(!h.contains_key("x-secret"));
+        assert_eq!(h["x-kept"], "yes");
+        assert_eq!(
+            n.upgrade, None,
+            "Upgrade without Connection: upgrade is not an upgrade"
+        );
+    }
+
+    #[test]
+    fn keeps_a_real_upgrade() {
+        let (h, n) = run(&[("connection", "Upgrade"), ("upgrade", "websocket")]).unwrap();
+        assert_eq!(n.upgrade.unwrap(), "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn forwarded_headers_and_request_id() {
+        let (h, n) = run(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("x-forwarded-proto", "https"),
+        ])
+        .unwrap();
+        assert_eq!(h[X_FORWARDED_FOR], "1.2.3.4, 5.6.7.8, 10.0.0.9");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(n.request_id, "rid-1");
+        let (h, _) = run(&[("x-request-id", "abc-123")]).unwrap();
+        assert_eq!(h[X_REQUEST_ID], "abc-123");
+        let (h, _) = run(&[("x-request-id", "a b")]).unwrap();
+        assert_eq!(h[X_REQUEST_ID], "rid-1");
+        let (h, _) = run(&[("x-request-id", "a"), ("x-request-id", "b")]).unwrap();
+        assert_eq!(h.get_all(X_REQUEST_ID).iter().count(), 1);
+    }
+
+    #[test]
+    fn framing_rejections() {
+        use HeadRejection::*;
+        assert_eq!(
+            run(&[("content-length", "5"), ("transfer-encoding", "chunked")]).unwrap_err(),
+            ContentLengthWithTransferEncoding
+        );
+        assert_eq!(
+            run(&[("content-length", "5"), ("content-length", "5")]).unwrap_err(),
+            MultipleContentLength
+        );
+        assert_eq!(
+            run(&[("content-length", "5"), ("content-length", "6")]).unwrap_err(),
+            MultipleContentLength
+        );
+        assert_eq!(
+            run(&[("content-length", "+5")]).unwrap_err(),
+            InvalidContentLength
+        );
+        assert_eq!(
+            run(&[("transfer-encoding", "chunked, gzip")]).unwrap_err(),
+            InvalidTransferEncoding
+        );
+        assert!(run(&[("transfer-encoding", "gzip, chunked")]).is_ok());
+        let mut h = headers(&[("transfer-encoding", "chunked")]);
+        assert_eq!(
+            normalize_request(&Method::POST, Version::HTTP_10, &mut h, &ctx()).unwrap_err(),
+            InvalidTransferEncoding
+        );
+    }
+
+    #[test]
+    fn response_keeps_upgrade_only_on_101() {
+        let mut h = headers(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "x"),
+        ]);
+        normalize_response(http::StatusCode::SWITCHING_PROTOCOLS, &mut h);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        let mut h = headers(&[
+            ("connection", "close"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+        ]);
+        normalize_response(http::StatusCode::OK, &mut h);
+        assert!(!has_hop_by_hop(&h, false));
+    }
+}

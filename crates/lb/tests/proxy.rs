@@ -1,0 +1,418 @@
+//! The proxy against real backend processes: forwarding and header hygiene, refused heads (raw
+//! bytes on a TCP socket), HTTP/2, WebSocket, timeouts, the admin API and graceful shutdown.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn round_robin_forwards_and_rewrites_headers() {
+    let (a, b, c) = (
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("c"),
+    );
+    let lb = Lb::start("", &[&a, &b, &c]).await;
+    let client = client();
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for _ in 0..9 {
+        let (s, h, body) = request(&client, "GET", &lb.url("/"), &[], b"")
+            .await
+            .unwrap();
+        assert_eq!(s, 200);
+        assert_eq!(served_by(&h), String::from_utf8_lossy(&body));
+        assert!(h.contains_key("x-request-id"));
+        *seen.entry(served_by(&h)).or_default() += 1;
+    }
+    assert_eq!(
+        seen,
+        HashMap::from([("a".into(), 3), ("b".into(), 3), ("c".into(), 3)])
+    );
+
+    let (s, h, body) = request(
+        &client,
+        "GET",
+        &lb.url("/headers"),
+        &[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "hop"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic eA=="),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-request-id", "req-42"),
+            ("x-app", "kept"),
+        ],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200);
+    let got: HashMap<String, Vec<String>> = serde_json::from_slice(&body).unwrap();
+    for hop in ["x-secret", "keep-alive", "proxy-authorization"] {
+        assert!(!got.contains_key(hop), "{hop} was forwarded: {got:?}");
+    }
+    assert_eq!(got["x-forwarded-for"], ["203.0.113.7, 127.0.0.1"]);
+    assert_eq!(got["x-forwarded-proto"], ["http"]);
+    assert_eq!(got["x-request-id"], ["req-42"]);
+    assert_eq!(got["x-app"], ["kept"]);
+    assert_eq!(h["x-request-id"], "req-42");
+
+    let (s, _, body) = request(&client, "POST", &lb.url("/echo"), &[], b"hello body")
+        .await
+        .unwrap();
+    assert_eq!((s, &body[..]), (200, &b"hello body"[..]));
+}
+
+/// Each malformed or ambiguous head gets its status and nothing reaches an instance, including
+/// the request smuggled behind it.
+#[tokio::test]
+async fn smuggling_and_malformed_heads_are_refused_before_forwarding() {
+    let a = Backend::start("a");
+    let lb = Lb::start("", &[&a]).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n";
+    let big = "a".repeat(20 * 1024);
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            format!(
+                "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+                5 + smuggled.len()
+            ),
+            "400",
+            "CL+TE",
+        ),
+        (
+            format!(
+                "POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+            "400",
+            "TE+CL",
+        ),
+        (
+            format!(
+                "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\ncontent-length: 0\r\n\r\n{smuggled}"
+            ),
+            "400",
+            "repeated CL",
+        ),
+        (
+            format!(
+                "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\ncontent-length: 38\r\n\r\n{smuggled}"
+            ),
+            "400",
+            "conflicting CL",
+        ),
+        (
+            format!(
+                "POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked, identity\r\n\r\n{smuggled}"
+            ),
+            "400",
+            "TE not ending in chunked",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nhost: x\r\nx-bad: a\x01b\r\n\r\n{smuggled}"),
+            "400",
+            "control byte in a value",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nhost: x\r\nx bad: v\r\n\r\n{smuggled}"),
+            "400",
+            "space in a name",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n"),
+            "431",
+            "oversized head",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nhost: x\r\n{many}\r\n"),
+            "431",
+            "too many headers",
+        ),
+    ];
+    for (input, status, what) in cases {
+        let answer = raw(lb.addr, input.as_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: got {answer:?}"
+        );
+    }
+    let mut stats = a.stats().await;
+    stats.remove("GET /health"); // the active checker's probes
+    assert!(
+        stats.is_empty(),
+        "something reached the instance: {stats:?}"
+    );
+    assert_eq!(
+        lb.metric("statehouse_lb_rejected_requests_total{status=\"400\"}")
+            .await,
+        7
+    );
+    assert_eq!(
+        lb.metric("statehouse_lb_rejected_requests_total{status=\"431\"}")
+            .await,
+        2
+    );
+
+    // A well-formed request on a raw socket still works, pipelined twice.
+    let answer = raw(
+        lb.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_proxied() {
+    let a = Backend::start("a");
+    let lb = Lb::start("", &[&a]).await;
+    let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    for _ in 0..3 {
+        let (s, h, body) = request(&h2, "GET", &lb.url("/"), &[], b"").await.unwrap();
+        assert_eq!(
+            (s, served_by(&h).as_str(), &body[..]),
+            (200, "a", &b"a"[..])
+        );
+    }
+    let (s, _, body) = request(&h2, "POST", &lb.url("/echo"), &[], b"over h2")
+        .await
+        .unwrap();
+    assert_eq!((s, &body[..]), (200, &b"over h2"[..]));
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_proxied_end_to_end() {
+    let a = Backend::start("a");
+    let lb = Lb::start("", &[&a]).await;
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    // RFC 6455's worked example: this key gives this accept value.
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    for msg in [&b"hello"[..], b"through the balancer"] {
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | msg.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(msg.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        s.write_all(&frame).await.unwrap();
+        let mut reply = vec![0u8; 2 + msg.len()];
+        s.read_exact(&mut reply).await.unwrap();
+        assert_eq!(reply[0], 0x81);
+        assert_eq!(&reply[2..], msg);
+    }
+    // The tunnel counts as in flight on the instance until it closes.
+    assert_eq!(lb.instance("a").await["in_flight"], 1);
+    drop(s);
+    eventually(Duration::from_secs(5), "tunnel released", || async {
+        lb.instance("a").await["in_flight"] == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idle_connections_and_stalled_heads_are_closed() {
+    let a = Backend::start("a");
+    let lb = Lb::start(
+        "[timeouts]\nidle = \"200ms\"\nrequest_head = \"300ms\"\n",
+        &[&a],
+    )
+    .await;
+    // Idle keep-alive: one request, then nothing; the balancer closes the connection.
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let rest = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(
+        matches!(rest, Ok(Ok(0))),
+        "idle connection not closed: {rest:?}"
+    );
+    // A head that never ends.
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(
+        matches!(rest, Ok(Ok(0)) | Ok(Err(_))),
+        "stalled head not cut: {rest:?}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_response_timeout_gives_504() {
+    let a = Backend::start("a");
+    let lb = Lb::start(
+        "[timeouts]\nupstream_response = \"200ms\"\n[passive]\nconsecutive_failures = 0\n",
+        &[&a],
+    )
+    .await;
+    let (s, _, _) = http_get(&lb.url("/slow?ms=2000"), &[]).await.unwrap();
+    assert_eq!(s, 504);
+    let (s, _, _) = http_get(&lb.url("/slow?ms=10"), &[]).await.unwrap();
+    assert_eq!(s, 200);
+}
+
+#[tokio::test]
+async fn admin_api_lists_adds_removes_and_requires_the_token() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let lb = Lb::start("[admin]\ntoken = \"0123456789abcdef-token\"\n", &[&a]).await;
+    let c = client();
+    let (s, h, _) = request(&c, "GET", &lb.admin_url("/instances"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(s, 401);
+    assert_eq!(h["www-authenticate"], "Bearer");
+    let (s, _, _) = request(
+        &c,
+        "GET",
+        &lb.admin_url("/metrics"),
+        &[("authorization", "Bearer wrong")],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 401);
+    let auth = [("authorization", "Bearer 0123456789abcdef-token")];
+    let (s, _, body) = request(&c, "GET", &lb.admin_url("/instances"), &auth, b"")
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(list[0]["name"], "a");
+    assert_eq!(list[0]["healthy"], true);
+
+    let add = format!("{{\"name\":\"b\",\"addr\":\"{}\"}}", b.addr())
+        .into_bytes()
+        .leak();
+    let (s, _, _) = request(&c, "POST", &lb.admin_url("/instances"), &auth, add)
+        .await
+        .unwrap();
+    assert_eq!(s, 201);
+    let (s, _, _) = request(&c, "POST", &lb.admin_url("/instances"), &auth, add)
+        .await
+        .unwrap();
+    assert_eq!(s, 409, "a name is unique");
+    let (s, _, body) = request(
+        &c,
+        "POST",
+        &lb.admin_url("/instances"),
+        &auth,
+        b"{\"name\":\"x\",\"addr\":\"nope\"}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&body));
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        seen.insert(served_by(&http_get(&lb.url("/"), &[]).await.unwrap().1));
+    }
+    assert_eq!(seen.len(), 2, "the added instance takes traffic");
+
+    let (s, _, _) = request(&c, "DELETE", &lb.admin_url("/instances/a"), &auth, b"")
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    for _ in 0..4 {
+        assert_eq!(
+            served_by(&http_get(&lb.url("/"), &[]).await.unwrap().1),
+            "b"
+        );
+    }
+    let (s, _, body) = request(&c, "GET", &lb.admin_url("/metrics"), &auth, b"")
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        text.contains("statehouse_lb_requests_total{instance=\"b\"}"),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE statehouse_lb_request_duration_seconds histogram"));
+    assert!(
+        !text.contains("instance=\"a\""),
+        "a removed instance's series go with it"
+    );
+}
+
+#[tokio::test]
+async fn a_non_loopback_admin_listener_needs_a_token() {
+    let config = statehouse_lb::LbConfig::from_toml_str("").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Any non-loopback address of this machine would do; 0.0.0.0 is one without sending traffic.
+    let admin = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let err = statehouse_lb::run(listener, admin, config, std::future::ready(()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("admin.token"), "{err}");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_in_flight_requests_finish() {
+    let a = Backend::start("a");
+    let mut lb = Lb::start("", &[&a]).await;
+    let url = lb.url("/slow?ms=600");
+    let in_flight = tokio::spawn(async move { http_get(&url, &[]).await });
+    eventually(Duration::from_secs(5), "request in flight", || async {
+        lb.instance("a").await["in_flight"] == 1
+    })
+    .await;
+    let addr = lb.addr;
+    let done = lb.shutdown();
+    let (s, _, body) = in_flight.await.unwrap().unwrap();
+    assert_eq!((s, &body[..]), (200, &b"a"[..]));
+    done.await.unwrap().unwrap();
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "the listener is closed after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn the_drain_deadline_cuts_what_is_left() {
+    let a = Backend::start("a");
+    let mut lb = Lb::start("[shutdown]\ndrain_deadline = \"300ms\"\n", &[&a]).await;
+    let url = lb.url("/slow?ms=30000");
+    let in_flight = tokio::spawn(async move { http_get(&url, &[]).await });
+    eventually(Duration::from_secs(5), "request in flight", || async {
+        lb.instance("a").await["in_flight"] == 1
+    })
+    .await;
+    let done = lb.shutdown();
+    // The run returns after the deadline although the request would take 30 s.
+    tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("run returned")
+        .unwrap()
+        .unwrap();
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the cut request fails on the client"
+    );
+}
