@@ -435,18 +435,9 @@ impl Session {
             }
             (state.id.clone(), merged)
         };
-        let new_id = SessionId::random();
-        let created = now_secs();
-        let ttl = self.capped_ttl(created).ok_or(SessionError::Ended)?;
-        let mut patch = MapPatch::new()
-            .set(CREATED, created.to_string())
-            .existence(Existence::MustNotExist)
-            .ttl(ttl)
-            .max_bytes(self.config().max_session_bytes);
-        for (field, value) in &merged {
-            patch = patch.set(field.clone(), value.clone());
-        }
-        self.patch(&new_id, &patch).await?;
+        // The new session (fresh id, new cookie, new absolute lifetime)
+        // first, so there is never a moment without one.
+        self.create(merged.clone()).await?;
         if let Some(old) = &old {
             // If this fails the old id would stay valid: report it.
             self.shared()
@@ -461,14 +452,6 @@ impl Session {
         written.extend(merged.into_iter().map(|(k, v)| (k, Some(v))));
         state.written = written;
         state.pending.clear();
-        state.cookie = CookieAction::Set(self.config().keys.sign(
-            &self.config().cookie.name,
-            &new_id,
-            created,
-        ));
-        state.id = Some(new_id);
-        state.created_secs = created;
-        state.exists = Some(true);
         Ok(())
     }
 
