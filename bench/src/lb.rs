@@ -1,0 +1,415 @@
+//! `lb-bench`: statehouse-lb next to nginx and HAProxy, same backends, same
+//! load, same run.
+//!
+//! Three `bench-backend` processes answer `200 ok`. In front of them, one at a
+//! time: nothing (wrk straight at one backend, the ceiling), `statehouse lb`,
+//! nginx and HAProxy — each configured equivalently: round robin, upstream
+//! keep-alive, two workers/threads (the machine's cores). `wrk` (the
+//! distribution's) drives each with the same threads, connections and
+//! duration; a Lua `done` hook prints requests, errors and the p50/p99/p99.9
+//! latency. Every process listens on 127.0.0.1 only.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::BoxError;
+
+/// What one run measures.
+#[derive(Debug, Clone)]
+pub struct LbBenchConfig {
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub connections: usize,
+    pub wrk_threads: usize,
+    /// The `statehouse` binary (built with `--release`).
+    pub statehouse: PathBuf,
+    /// The `bench-backend` binary.
+    pub backend: PathBuf,
+    pub out: PathBuf,
+    pub command: String,
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first: nginx's and HAProxy's masters then stop their
+        // workers, which a SIGKILL of the master would leave running (and
+        // holding our stdout). Already gone is fine.
+        let _ = Command::new("kill")
+            .arg(self.0.id().to_string())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16, BoxError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_listening(port: u16, what: &str) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{what} is not listening on {addr} after 10 s").into())
+}
+
+fn start_backend(binary: &Path) -> Result<(Proc, u16), BoxError> {
+    let port = free_port()?;
+    let child = Command::new(binary)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+    let proc = Proc(child);
+    wait_listening(port, "bench-backend")?;
+    Ok((proc, port))
+}
+
+/// One proxy under test: how to start it and the config it ran with.
+struct Subject {
+    name: &'static str,
+    config: String,
+    proc: Option<Proc>,
+    port: u16,
+}
+
+fn statehouse(bin: &Path, dir: &Path, backends: &[u16]) -> Result<Subject, BoxError> {
+    let port = free_port()?;
+    let admin = free_port()?;
+    let mut config = format!(
+        "listen = \"127.0.0.1:{port}\"\npolicy = \"round_robin\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+    );
+    for (i, p) in backends.iter().enumerate() {
+        let _ = write!(
+            config,
+            "\n[[instances]]\nname = \"b{i}\"\naddr = \"127.0.0.1:{p}\"\n"
+        );
+    }
+    let path = dir.join("statehouse-lb.toml");
+    std::fs::write(&path, &config)?;
+    let child = Command::new(bin)
+        .args(["lb", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let proc = Proc(child);
+    wait_listening(port, "statehouse lb")?;
+    Ok(Subject {
+        name: "statehouse lb",
+        config,
+        proc: Some(proc),
+        port,
+    })
+}
+
+fn nginx(dir: &Path, backends: &[u16]) -> Result<Subject, BoxError> {
+    let port = free_port()?;
+    let servers: String = backends
+        .iter()
+        .map(|p| format!("    server 127.0.0.1:{p};\n"))
+        .collect();
+    let d = dir.display();
+    let config = format!(
+        "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}; proxy_temp_path {d};\n  \
+         fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  \
+         upstream app {{\n{servers}    keepalive 64;\n  }}\n  \
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://app;\n      \
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, &config)?;
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start nginx (apt package nginx-light): {e}"))?;
+    let proc = Proc(child);
+    wait_listening(port, "nginx")?;
+    Ok(Subject {
+        name: "nginx",
+        config,
+        proc: Some(proc),
+        port,
+    })
+}
+
+fn haproxy(dir: &Path, backends: &[u16]) -> Result<Subject, BoxError> {
+    let port = free_port()?;
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("  server s{i} 127.0.0.1:{p}\n"))
+        .collect();
+    let config = format!(
+        "global\n  nbthread 2\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 2s\n  \
+         timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n\n\
+         frontend fe\n  bind 127.0.0.1:{port}\n  default_backend app\n\n\
+         backend app\n  balance roundrobin\n{servers}"
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, &config)?;
+    let child = Command::new("haproxy")
+        .arg("-f")
+        .arg(&path)
+        .arg("-db")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start haproxy (apt package haproxy): {e}"))?;
+    let proc = Proc(child);
+    wait_listening(port, "haproxy")?;
+    Ok(Subject {
+        name: "HAProxy",
+        config,
+        proc: Some(proc),
+        port,
+    })
+}
+
+/// What wrk reported for one subject.
+#[derive(Debug, Clone)]
+struct WrkResult {
+    rps: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    errors: u64,
+}
+
+const WRK_DONE: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("SH_RESULT %d %d %d %d %d %d\n",
+    summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"#;
+
+fn wrk(
+    script: &Path,
+    port: u16,
+    threads: usize,
+    connections: usize,
+    duration: Duration,
+) -> Result<WrkResult, BoxError> {
+    let out = Command::new("wrk")
+        .args(["-t", &threads.to_string(), "-c", &connections.to_string()])
+        .args(["-d", &format!("{}s", duration.as_secs().max(1))])
+        .arg("-s")
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .map_err(|e| format!("cannot run wrk (apt package wrk): {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("SH_RESULT "))
+        .ok_or_else(|| format!("wrk printed no result:\n{stdout}"))?;
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let [requests, duration_us, errors, p50, p99, p999] = n[..] else {
+        return Err(format!("unexpected wrk result line {line:?}").into());
+    };
+    Ok(WrkResult {
+        rps: requests as f64 / (duration_us.max(1) as f64 / 1e6),
+        p50_us: p50,
+        p99_us: p99,
+        p999_us: p999,
+        errors,
+    })
+}
+
+fn version(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("unknown")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_else(|| "not found".to_owned())
+}
+
+/// Runs every subject and writes the report.
+pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
+    let machine = crate::machine::describe().await;
+    let load_before = crate::machine::load_average();
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("done.lua");
+    std::fs::write(&script, WRK_DONE)?;
+
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        backends.push(start_backend(&config.backend)?);
+    }
+    let ports: Vec<u16> = backends.iter().map(|(_, p)| *p).collect();
+
+    println!(
+        "wrk -t{} -c{} -d{}s, after a {}s warm-up, against each of:",
+        config.wrk_threads,
+        config.connections,
+        config.duration.as_secs(),
+        config.warmup.as_secs()
+    );
+    let starts: [(&str, Box<dyn Fn() -> Result<Subject, BoxError>>); 4] = [
+        (
+            "direct",
+            Box::new(|| {
+                Ok(Subject {
+                    name: "direct to one backend",
+                    config: String::new(),
+                    proc: None,
+                    port: ports[0],
+                })
+            }),
+        ),
+        (
+            "statehouse",
+            Box::new(|| statehouse(&config.statehouse, dir.path(), &ports)),
+        ),
+        ("nginx", Box::new(|| nginx(dir.path(), &ports))),
+        ("haproxy", Box::new(|| haproxy(dir.path(), &ports))),
+    ];
+    let mut results = Vec::new();
+    for (_, start) in &starts {
+        let subject = start()?;
+        // Warm-up: connections, pools and caches, not recorded.
+        wrk(
+            &script,
+            subject.port,
+            config.wrk_threads,
+            config.connections,
+            config.warmup,
+        )?;
+        let r = wrk(
+            &script,
+            subject.port,
+            config.wrk_threads,
+            config.connections,
+            config.duration,
+        )?;
+        println!(
+            "  {:<24} {:>9.0} req/s  p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  errors {}",
+            subject.name, r.rps, r.p50_us, r.p99_us, r.p999_us, r.errors
+        );
+        results.push((subject.name, subject.config.clone(), r));
+        drop(subject.proc);
+    }
+    drop(backends);
+
+    let report = render(&config, &machine, &load_before, &results);
+    std::fs::write(&config.out, report)?;
+    println!("\nwrote {}", config.out.display());
+    Ok(())
+}
+
+fn render(
+    config: &LbBenchConfig,
+    machine: &[(&'static str, String)],
+    load_before: &str,
+    results: &[(&'static str, String, WrkResult)],
+) -> String {
+    let mut md = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(md, "# statehouse lb vs nginx vs HAProxy\n");
+    let _ = writeln!(
+        md,
+        "Produced by `bench/src/bin/lb_bench.rs`, run as:\n\n```sh\n{}\n```\n",
+        config.command
+    );
+    let _ = writeln!(md, "## Machine\n\n| | |\n|---|---|");
+    // The tokio row describes a benchmark's own client; here wrk is the client.
+    for (what, value) in machine.iter().filter(|(what, _)| *what != "tokio") {
+        let _ = writeln!(md, "| {what} | {value} |");
+    }
+    let _ = writeln!(md, "| nginx | {} |", version("nginx", &["-v"]));
+    let _ = writeln!(md, "| HAProxy | {} |", version("haproxy", &["-v"]));
+    let _ = writeln!(md, "| wrk | {} |", version("wrk", &["-v"]));
+    let _ = writeln!(
+        md,
+        "| load average at start / end | {load_before} / {} |\n",
+        crate::machine::load_average()
+    );
+    let _ = writeln!(
+        md,
+        "## Method\n\nThree `bench-backend` processes (axum, one thread each) answer `200 ok`. In front of them, one at a time: nothing (wrk straight at one backend: the ceiling), `statehouse lb`, nginx, HAProxy, each with round robin, upstream keep-alive and two workers/threads (the machine has two cores; statehouse runs tokio's default one worker per core). `wrk -t{} -c{} -d{}s` after a {}s warm-up, from the same machine; latencies from wrk's HDR histogram (µs). Client, proxy and backends share the two cores.\n",
+        config.wrk_threads,
+        config.connections,
+        config.duration.as_secs(),
+        config.warmup.as_secs()
+    );
+    let _ = writeln!(
+        md,
+        "## Results\n\n| subject | req/s | p50 | p99 | p99.9 | errors |\n|---|---|---|---|---|---|"
+    );
+    for (name, _, r) in results {
+        let _ = writeln!(
+            md,
+            "| {name} | {:.0} | {} µs | {} µs | {} µs | {} |",
+            r.rps, r.p50_us, r.p99_us, r.p999_us, r.errors
+        );
+    }
+    let find = |n: &str| results.iter().find(|(name, _, _)| *name == n).map(|r| &r.2);
+    if let Some(ours) = find("statehouse lb") {
+        let _ = writeln!(md);
+        for peer in ["nginx", "HAProxy"] {
+            if let Some(theirs) = find(peer) {
+                let _ = writeln!(
+                    md,
+                    "- statehouse lb vs {peer}: {:.2}× the req/s; p99 {} µs vs {} µs ({:.2}×)",
+                    ours.rps / theirs.rps.max(1.0),
+                    ours.p99_us,
+                    theirs.p99_us,
+                    ours.p99_us as f64 / theirs.p99_us.max(1) as f64
+                );
+            }
+        }
+    }
+    let _ = writeln!(md, "\n## Configurations (as run; ports vary per run)\n");
+    for (name, cfg, _) in results {
+        if !cfg.is_empty() {
+            let _ = writeln!(md, "### {name}\n\n```\n{cfg}```\n");
+        }
+    }
+    md
+}
