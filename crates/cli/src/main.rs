@@ -1,10 +1,15 @@
 //! The `statehouse` binary. It only parses the command line and delegates to
-//! the crates (`statehouse lb` → `statehouse_lb::run`).
+//! the crates: `up` → `statehouse_app::up::run`, `serve` →
+//! `statehouse_app::serve`, `worker` → `statehouse_app::worker::run`, `lb` →
+//! `statehouse_lb::run`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use statehouse_app::Arch;
 
 /// statehouse: service tiers where any instance can serve any request.
 #[derive(Debug, Parser)]
@@ -16,6 +21,85 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole tier on this machine: the load balancer, N shop
+    /// instances and the order worker, plus a dashboard.
+    ///
+    /// By default everything is embedded: sessions and orders in SQLite
+    /// files and avatars in a directory, all under ./.statehouse/. Prints the
+    /// shop's and the dashboard's URLs; Ctrl-C stops every child.
+    Up {
+        /// A TOML file with any of: instances, arch, port, dashboard_port,
+        /// dir, session_store, database, objects. Flags override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// How many shop instances.
+        #[arg(long)]
+        instances: Option<usize>,
+        /// sticky-memory | shared-sqlite | shared-redis | shared-redis-cluster
+        /// | shared-postgres (token is not built yet).
+        #[arg(long)]
+        arch: Option<Arch>,
+        /// The shop's port on 127.0.0.1 (default 8080; 0 = any free port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// The dashboard's port on 127.0.0.1 (default 8081; 0 = any).
+        #[arg(long)]
+        dashboard_port: Option<u16>,
+        /// Where up keeps databases, objects, logs and the session key
+        /// (default ./.statehouse).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Session store URL (redis://, redis+cluster://, postgres://, sqlite://).
+        #[arg(long)]
+        session_store: Option<String>,
+        /// Durable database URL (sqlite:// or postgres://).
+        #[arg(long)]
+        database: Option<String>,
+        /// Object store directory.
+        #[arg(long)]
+        objects: Option<String>,
+    },
+    /// Run one shop instance (what `up` starts N of).
+    ///
+    /// Session keys come from STATEHOUSE_SESSION_KEYS (`kid:base64secret`,
+    /// newest first) or --session-keys-file; every instance must share them.
+    Serve {
+        /// The name in X-Served-By.
+        #[arg(long, default_value = "app-1")]
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "shared-sqlite")]
+        arch: Arch,
+        /// Session store URL; must suit --arch.
+        #[arg(long, default_value = "sqlite://.statehouse/sessions.db")]
+        session_store: String,
+        /// Durable database URL.
+        #[arg(long, default_value = "sqlite://.statehouse/shop.db")]
+        database: String,
+        /// Object store directory.
+        #[arg(long, default_value = ".statehouse/objects")]
+        objects: String,
+        /// A file holding the session keys, instead of the environment.
+        #[arg(long)]
+        session_keys_file: Option<PathBuf>,
+        /// Session cookies without `Secure`: only for plain HTTP on a
+        /// developer's machine.
+        #[arg(long)]
+        insecure_cookies: bool,
+        /// After SIGTERM, how long /readyz answers 503 before the listener
+        /// closes (requests in flight always finish).
+        #[arg(long, value_parser = parse_duration, default_value = "2s")]
+        drain_delay: Duration,
+    },
+    /// Run the order worker: takes placed orders from the database's queue.
+    Worker {
+        #[arg(long, default_value = "worker")]
+        name: String,
+        /// Durable database URL.
+        #[arg(long, default_value = "sqlite://.statehouse/shop.db")]
+        database: String,
+    },
     /// Run the HTTP load balancer in front of N instances.
     ///
     /// The configuration comes from a TOML file (see crates/lb/lb.example.toml)
@@ -36,6 +120,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -50,6 +135,81 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Lb { config, overrides } => runtime.block_on(lb(config, overrides)),
+        Command::Up {
+            config,
+            instances,
+            arch,
+            port,
+            dashboard_port,
+            dir,
+            session_store,
+            database,
+            objects,
+        } => {
+            let mut up = match config {
+                Some(path) => match statehouse_app::up::UpConfig::from_file(&path) {
+                    Ok(up) => up,
+                    Err(e) => {
+                        eprintln!("statehouse up: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => statehouse_app::up::UpConfig::default(),
+            };
+            up.instances = instances.unwrap_or(up.instances);
+            up.arch = arch.unwrap_or(up.arch);
+            up.port = port.unwrap_or(up.port);
+            up.dashboard_port = dashboard_port.unwrap_or(up.dashboard_port);
+            up.dir = dir.unwrap_or(up.dir);
+            up.session_store = session_store.or(up.session_store);
+            up.database = database.or(up.database);
+            up.objects = objects.or(up.objects);
+            runtime
+                .block_on(statehouse_app::up::run(
+                    up,
+                    None,
+                    statehouse_lb::shutdown_signal(),
+                ))
+                .map_err(Into::into)
+        }
+        Command::Serve {
+            name,
+            listen,
+            arch,
+            session_store,
+            database,
+            objects,
+            session_keys_file,
+            insecure_cookies,
+            drain_delay,
+        } => runtime.block_on(serve(
+            statehouse_app::ServeConfig {
+                name,
+                arch,
+                session_store,
+                database,
+                objects,
+                session_keys: match session_keys(session_keys_file) {
+                    Ok(keys) => keys,
+                    Err(e) => {
+                        eprintln!("statehouse serve: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                insecure_cookies,
+                drain_delay,
+            },
+            listen,
+        )),
+        Command::Worker { name, database } => {
+            statehouse_app::die_with_parent();
+            runtime
+                .block_on(statehouse_app::worker::run(
+                    statehouse_app::worker::WorkerConfig::new(name, database),
+                    statehouse_lb::shutdown_signal(),
+                ))
+                .map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,4 +243,41 @@ async fn lb(
     );
     statehouse_lb::run(listener, admin, config, statehouse_lb::shutdown_signal()).await?;
     Ok(())
+}
+
+fn session_keys(
+    file: Option<PathBuf>,
+) -> Result<statehouse_session::SessionKeys, statehouse_session::KeyError> {
+    match file {
+        Some(path) => statehouse_session::SessionKeys::from_file(&path),
+        None => statehouse_session::SessionKeys::from_env("STATEHOUSE_SESSION_KEYS"),
+    }
+}
+
+async fn serve(
+    config: statehouse_app::ServeConfig,
+    listen: SocketAddr,
+) -> Result<(), Box<dyn std::error::Error>> {
+    statehouse_app::die_with_parent();
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen} (--listen): {e}"))?;
+    statehouse_app::serve(listener, config, statehouse_lb::shutdown_signal()).await?;
+    Ok(())
+}
+
+/// `250ms`, `2s`, `1m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with a unit, e.g. 250ms or 2s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: the unit is ms, s or m")),
+    }
 }

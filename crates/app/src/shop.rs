@@ -1,0 +1,631 @@
+//! The shop's HTTP surface: one axum `Router`, stateless by construction.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /` | the shop page |
+//! | `GET /healthz`, `GET /readyz` | alive; ready (503 while draining) |
+//! | `GET /api/catalog` | the products |
+//! | `POST /api/signup`, `POST /api/login` `{"email","password"}` | sign up / log in (new session id) |
+//! | `POST /api/logout` | ends the session |
+//! | `GET /api/me` | the user, the cart, and who served it |
+//! | `PUT /api/cart/{item}` `{"qty": n}` | one cart line (0 removes it) |
+//! | `POST /api/checkout` + `Idempotency-Key` | a durable order, once per key |
+//! | `GET /api/orders` | the user's orders and their status |
+//! | `PUT /api/avatar`, `GET /api/avatar` | the user's picture, in the object store |
+//!
+//! Every response carries `X-Served-By`. A state-changing request must come
+//! from the shop's own origin (`Origin` equal to `Host`; SameSite=Lax
+//! cookies are the other half of the CSRF defence).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use statehouse_session::{Session, SessionConfig, SessionKeys, SessionLayer};
+use statehouse_store::StoreConfig;
+use tracing::Instrument;
+
+use crate::arch::Arch;
+use crate::db::{Db, Placed, User};
+use crate::error::AppError;
+use crate::objects::{self, Objects};
+
+/// How one instance is set up.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The name in `X-Served-By`.
+    pub name: String,
+    pub arch: Arch,
+    /// The session store URL (`memory://`, `sqlite://...`, `redis://...`,
+    /// `redis+cluster://...`, `postgres://...`); must suit `arch`.
+    pub session_store: String,
+    /// The durable database URL (`sqlite://...` or `postgres://...`).
+    pub database: String,
+    /// The object store (a directory).
+    pub objects: String,
+    pub session_keys: SessionKeys,
+    /// Session cookies without `Secure`, for plain HTTP on a developer's
+    /// machine. Off unless asked for.
+    pub insecure_cookies: bool,
+    /// How long `/readyz` says 503 before the listener closes on shutdown,
+    /// so a balancer stops sending first.
+    pub drain_delay: Duration,
+}
+
+/// A product the shop sells.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Product {
+    pub id: &'static str,
+    pub name: &'static str,
+    pub price_cents: i64,
+}
+
+/// Everything the shop sells.
+pub const CATALOG: [Product; 4] = [
+    Product {
+        id: "tea",
+        name: "Green tea",
+        price_cents: 450,
+    },
+    Product {
+        id: "mug",
+        name: "Stoneware mug",
+        price_cents: 1200,
+    },
+    Product {
+        id: "beans",
+        name: "Coffee beans",
+        price_cents: 1599,
+    },
+    Product {
+        id: "kettle",
+        name: "Kettle",
+        price_cents: 3900,
+    },
+];
+
+const MAX_QTY: u32 = 99;
+const MAX_JSON_BYTES: usize = 16 * 1024;
+
+fn product(id: &str) -> Result<&'static Product, AppError> {
+    CATALOG
+        .iter()
+        .find(|p| p.id == id)
+        .ok_or_else(|| AppError::NotFound(format!("no product {id:?}")))
+}
+
+fn cart_field(item: &str) -> String {
+    format!("cart.{item}")
+}
+
+#[derive(Debug, Clone)]
+struct Shop {
+    name: Arc<str>,
+    served_by: HeaderValue,
+    db: Db,
+    objects: Objects,
+    draining: Arc<AtomicBool>,
+}
+
+/// A JSON body that fails with the shop's error shape (400/413/415), not
+/// axum's plain text.
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(JsonBody(v)),
+            Err(rejection) => Err(match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => AppError::TooLarge(rejection.body_text()),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                    AppError::BadRequest("send JSON with Content-Type: application/json".into())
+                }
+                _ => AppError::BadRequest(rejection.body_text()),
+            }),
+        }
+    }
+}
+
+/// Builds the shop for `config`: opens the stores, applies migrations.
+/// Returns the router and the flag that turns `/readyz` to 503.
+pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppError> {
+    if config.arch == Arch::Token {
+        return Err(AppError::BadRequest(
+            "--arch token is not built yet; use a shared-* architecture or sticky-memory".into(),
+        ));
+    }
+    let scheme = config.session_store.split(':').next().unwrap_or_default();
+    if !config.arch.session_schemes().contains(&scheme) {
+        return Err(AppError::BadRequest(format!(
+            "--arch {} keeps sessions in {}, but the session store is {:?}",
+            config.arch,
+            config.arch.session_schemes().join(" or "),
+            crate::db::redact(&config.session_store)
+        )));
+    }
+    let store = statehouse_store::open(StoreConfig::new(&config.session_store).prefix("shop:"))
+        .await
+        .map_err(|e| AppError::Unavailable(e.to_string()))?;
+    let mut session_config = SessionConfig::new(config.session_keys.clone())
+        .cookie_name("shop_session")
+        .idle_ttl(Duration::from_secs(2 * 3600))
+        .absolute_ttl(Duration::from_secs(7 * 24 * 3600));
+    if config.insecure_cookies {
+        session_config = session_config.insecure_cookie_for_local_dev();
+    }
+    let db = Db::open(&config.database).await?;
+    let objects = Objects::open(&config.objects)?;
+    let draining = Arc::new(AtomicBool::new(false));
+    let shop = Shop {
+        name: config.name.as_str().into(),
+        served_by: HeaderValue::from_str(&config.name).map_err(|_| {
+            AppError::BadRequest(format!(
+                "instance name {:?} is not a header value",
+                config.name
+            ))
+        })?,
+        db,
+        objects,
+        draining: draining.clone(),
+    };
+    let api = Router::new()
+        .route("/catalog", get(catalog))
+        .route("/signup", post(signup))
+        .route("/login", post(login))
+        .route("/logout", post(logout))
+        .route("/me", get(me))
+        .route("/cart/{item}", put(set_cart_line))
+        .route("/checkout", post(checkout))
+        .route("/orders", get(orders))
+        .route(
+            "/avatar",
+            put(put_avatar)
+                .get(get_avatar)
+                .layer(DefaultBodyLimit::max(objects::MAX_AVATAR_BYTES)),
+        )
+        .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
+        .layer(middleware::from_fn(same_origin))
+        .layer(SessionLayer::new(store, session_config));
+    let router = Router::new()
+        .route(
+            "/",
+            get(|| async { Html(include_str!("../assets/shop.html")) }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .nest("/api", api)
+        .fallback(|| async { AppError::NotFound("no such page".into()) })
+        .layer(middleware::from_fn_with_state(shop.clone(), served_by))
+        .with_state(shop);
+    Ok((router, draining))
+}
+
+/// Runs one instance on `listener` until `shutdown` resolves; then `/readyz`
+/// turns 503, and after `drain_delay` the listener closes and requests in
+/// flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
+    let (router, draining) = app(&config).await?;
+    let delay = config.drain_delay;
+    tracing::info!(
+        instance = config.name,
+        arch = %config.arch,
+        addr = %listener.local_addr().map_err(|e| AppError::internal("listener", e))?,
+        "shop instance serving"
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            draining.store(true, Ordering::SeqCst);
+            tracing::info!("draining: not ready, finishing requests in flight");
+            tokio::time::sleep(delay).await;
+        })
+        .await
+        .map_err(|e| AppError::internal("serving", e))
+}
+
+async fn served_by(State(shop): State<Shop>, req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    let span = tracing::info_span!("request", id = %request_id, method = %req.method(), path = %req.uri().path());
+    let mut response = next.run(req).instrument(span).await;
+    response
+        .headers_mut()
+        .insert("x-served-by", shop.served_by.clone());
+    response
+}
+
+/// Refuses state-changing requests that do not come from this origin.
+async fn same_origin(req: Request, next: Next) -> Response {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(req).await;
+    }
+    match check_origin(req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub(crate) fn check_origin(headers: &HeaderMap) -> Result<(), AppError> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| AppError::BadRequest("the Host header is missing".into()))?;
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            AppError::Forbidden("a state-changing request needs an Origin header".into())
+        })?;
+    let authority = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .unwrap_or_default();
+    if authority.eq_ignore_ascii_case(host) {
+        Ok(())
+    } else {
+        Err(AppError::Forbidden(format!(
+            "cross-site request refused: Origin {origin:?} is not this site ({host})"
+        )))
+    }
+}
+
+async fn readyz(State(shop): State<Shop>) -> impl IntoResponse {
+    if shop.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else {
+        (StatusCode::OK, "ready")
+    }
+}
+
+async fn catalog() -> Json<&'static [Product]> {
+    Json(&CATALOG)
+}
+
+#[derive(Debug, Deserialize)]
+struct Credentials {
+    email: String,
+    password: String,
+}
+
+impl Credentials {
+    fn validate(&self) -> Result<String, AppError> {
+        let email = self.email.trim().to_ascii_lowercase();
+        let (local, domain) = email.split_once('@').unwrap_or_default();
+        if local.is_empty()
+            || domain.is_empty()
+            || email.len() > 254
+            || email.contains(char::is_whitespace)
+        {
+            return Err(AppError::BadRequest(format!(
+                "{:?} is not an email address",
+                self.email
+            )));
+        }
+        if !(8..=1024).contains(&self.password.len()) {
+            return Err(AppError::BadRequest(
+                "a password has 8 to 1024 bytes".into(),
+            ));
+        }
+        Ok(email)
+    }
+}
+
+async fn hash_password(password: String) -> Result<String, AppError> {
+    use argon2::PasswordHasher;
+    tokio::task::spawn_blocking(move || {
+        argon2::Argon2::default()
+            .hash_password(password.as_bytes())
+            .map(|h| h.to_string())
+    })
+    .await
+    .map_err(|e| AppError::internal("password hashing task", e))?
+    .map_err(|e| AppError::internal("hashing the password", e))
+}
+
+async fn verify_password(password: String, hash: String) -> Result<bool, AppError> {
+    use argon2::PasswordVerifier;
+    tokio::task::spawn_blocking(move || {
+        let parsed = argon2::PasswordHash::new(&hash)
+            .map_err(|e| AppError::internal("stored password hash", e))?;
+        Ok(argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok())
+    })
+    .await
+    .map_err(|e| AppError::internal("password check task", e))?
+}
+
+/// Logs `user` into `session`: a new id first (fixation defence), the cart
+/// kept.
+async fn start_login(session: &Session, user: &User) -> Result<(), AppError> {
+    session.rotate_id().await?;
+    session.insert("user", user)?;
+    Ok(())
+}
+
+async fn signup(
+    State(shop): State<Shop>,
+    session: Session,
+    JsonBody(creds): JsonBody<Credentials>,
+) -> Result<impl IntoResponse, AppError> {
+    let email = creds.validate()?;
+    let hash = hash_password(creds.password).await?;
+    let user = shop.db.create_user(&email, &hash).await?;
+    start_login(&session, &user).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "user": user }))))
+}
+
+async fn login(
+    State(shop): State<Shop>,
+    session: Session,
+    JsonBody(creds): JsonBody<Credentials>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let email = creds.validate()?;
+    let found = shop.db.user_by_email(&email).await?;
+    let ok = match &found {
+        Some((_, hash)) => verify_password(creds.password, hash.clone()).await?,
+        None => false,
+    };
+    let Some((user, _)) = found.filter(|_| ok) else {
+        return Err(AppError::Unauthorized);
+    };
+    start_login(&session, &user).await?;
+    Ok(Json(json!({ "user": user })))
+}
+
+async fn logout(session: Session) -> Result<Json<serde_json::Value>, AppError> {
+    session.destroy().await?;
+    Ok(Json(json!({ "user": null })))
+}
+
+async fn current_user(session: &Session) -> Result<User, AppError> {
+    session
+        .get::<User>("user")
+        .await?
+        .ok_or(AppError::Unauthorized)
+}
+
+async fn read_cart(session: &Session) -> Result<BTreeMap<String, u32>, AppError> {
+    let mut cart = BTreeMap::new();
+    for p in &CATALOG {
+        if let Some(qty) = session.get::<u32>(&cart_field(p.id)).await? {
+            if qty > 0 {
+                cart.insert(p.id.to_owned(), qty);
+            }
+        }
+    }
+    Ok(cart)
+}
+
+fn cart_total(cart: &BTreeMap<String, u32>) -> Result<i64, AppError> {
+    cart.iter()
+        .map(|(item, qty)| Ok(product(item)?.price_cents * i64::from(*qty)))
+        .sum()
+}
+
+async fn me(
+    State(shop): State<Shop>,
+    session: Session,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let user = session.get::<User>("user").await?;
+    let cart = read_cart(&session).await?;
+    Ok(Json(json!({
+        "user": user,
+        "cart": cart,
+        "total_cents": cart_total(&cart)?,
+        "served_by": &*shop.name,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct CartLine {
+    qty: u32,
+}
+
+/// Sets one cart line. One field of the session: a request changing another
+/// line at the same time, on any instance, never loses this one.
+async fn set_cart_line(
+    session: Session,
+    Path(item): Path<String>,
+    JsonBody(line): JsonBody<CartLine>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let p = product(&item)?;
+    if line.qty > MAX_QTY {
+        return Err(AppError::BadRequest(format!(
+            "at most {MAX_QTY} of one product"
+        )));
+    }
+    if line.qty == 0 {
+        session.remove(&cart_field(p.id))?;
+    } else {
+        session.insert(&cart_field(p.id), &line.qty)?;
+    }
+    Ok(Json(json!({ "item": p.id, "qty": line.qty })))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, AppError> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| AppError::BadRequest("checkout needs an Idempotency-Key header".into()))?;
+    if key.is_empty()
+        || key.len() > 64
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(AppError::BadRequest(
+            "Idempotency-Key: 1 to 64 characters of A-Z, a-z, 0-9, - and _".into(),
+        ));
+    }
+    Ok(key.to_owned())
+}
+
+/// Takes the ordered quantities out of the cart, one compare-and-set per
+/// line, so a line changed meanwhile on another instance keeps the change.
+async fn take_from_cart(session: &Session, items: &BTreeMap<String, u32>) -> Result<(), AppError> {
+    for (item, ordered) in items {
+        session
+            .update::<u32, _>(&cart_field(item), |qty| {
+                qty.map(|q| q.saturating_sub(*ordered)).filter(|q| *q > 0)
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Places the cart as an order, once per `Idempotency-Key`: a retry after a
+/// lost answer gets the same order (200) instead of a second one (201).
+async fn checkout(
+    State(shop): State<Shop>,
+    session: Session,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let key = idempotency_key(&headers)?;
+    let user = current_user(&session).await?;
+    let cart = read_cart(&session).await?;
+    let placed = if cart.is_empty() {
+        // A retry whose first attempt emptied the cart still finds its order.
+        match shop
+            .db
+            .orders(user.id)
+            .await?
+            .into_iter()
+            .find(|o| o.idempotency_key == key)
+        {
+            Some(order) => Placed::Replayed(order),
+            None => return Err(AppError::Unprocessable("the cart is empty".into())),
+        }
+    } else {
+        shop.db
+            .place_order(user.id, &key, &cart, cart_total(&cart)?, &shop.name)
+            .await?
+    };
+    let (status, order) = match placed {
+        Placed::Created(order) => (StatusCode::CREATED, order),
+        Placed::Replayed(order) => (StatusCode::OK, order),
+    };
+    // The cart is emptied after the order is durable. If this instance dies
+    // in between, the retry (same key) replays the order and empties the
+    // cart then; `checkout` in the session remembers which key did.
+    if session.get::<String>("checkout").await?.as_deref() != Some(&key) {
+        take_from_cart(&session, &order.items).await?;
+        session.insert("checkout", &key)?;
+    }
+    Ok((status, Json(json!({ "order": order }))).into_response())
+}
+
+async fn orders(
+    State(shop): State<Shop>,
+    session: Session,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let user = current_user(&session).await?;
+    Ok(Json(json!({ "orders": shop.db.orders(user.id).await? })))
+}
+
+async fn put_avatar(
+    State(shop): State<Shop>,
+    session: Session,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let user = current_user(&session).await?;
+    let image = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => AppError::TooLarge(format!(
+            "an avatar has at most {} bytes",
+            objects::MAX_AVATAR_BYTES
+        )),
+        _ => AppError::BadRequest(e.body_text()),
+    })?;
+    let Some(mime) = objects::image_type(&image) else {
+        return Err(AppError::Unprocessable(
+            "an avatar is a PNG, JPEG, GIF or WebP image".into(),
+        ));
+    };
+    let bytes = image.len();
+    shop.objects.put_avatar(user.id, image).await?;
+    Ok(Json(json!({ "type": mime, "bytes": bytes })))
+}
+
+async fn get_avatar(State(shop): State<Shop>, session: Session) -> Result<Response, AppError> {
+    let user = current_user(&session).await?;
+    let image = shop
+        .objects
+        .avatar(user.id)
+        .await?
+        .ok_or_else(|| AppError::NotFound("no avatar yet".into()))?;
+    let mime = objects::image_type(&image).unwrap_or("application/octet-stream");
+    Ok(([(header::CONTENT_TYPE, mime)], image).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(host: &str, origin: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+        if let Some(o) = origin {
+            h.insert(header::ORIGIN, HeaderValue::from_str(o).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn origin_must_match_host() {
+        assert!(check_origin(&headers("127.0.0.1:8080", Some("http://127.0.0.1:8080"))).is_ok());
+        for origin in [
+            None,
+            Some("http://evil.example"),
+            Some("null"),
+            Some("http://127.0.0.1:8081"),
+        ] {
+            let e = check_origin(&headers("127.0.0.1:8080", origin)).unwrap_err();
+            assert_eq!(e.status(), StatusCode::FORBIDDEN, "{origin:?}");
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_are_checked() {
+        let mut h = HeaderMap::new();
+        assert!(idempotency_key(&h).is_err());
+        h.insert("idempotency-key", HeaderValue::from_static("abc-123_X"));
+        assert_eq!(idempotency_key(&h).unwrap(), "abc-123_X");
+        h.insert("idempotency-key", HeaderValue::from_static("../etc"));
+        assert!(idempotency_key(&h).is_err());
+    }
+
+    #[test]
+    fn credentials_are_checked() {
+        let c = |e: &str, p: &str| {
+            Credentials {
+                email: e.into(),
+                password: p.into(),
+            }
+            .validate()
+        };
+        assert_eq!(c(" A@B.example ", "longenough").unwrap(), "a@b.example");
+        assert!(c("nobody", "longenough").is_err());
+        assert!(c("a@b", "short").is_err());
+    }
+}
