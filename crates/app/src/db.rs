@@ -126,10 +126,14 @@ impl Db {
     }
 
     async fn migrate(&self) -> Result<(), AppError> {
-        let migrator = match self.kind {
+        let mut migrator = match self.kind {
             DbKind::Sqlite => sqlx::migrate!("migrations/sqlite"),
             DbKind::Postgres => sqlx::migrate!("migrations/postgres"),
         };
+        // Its own history table: the session store may live in the same
+        // database with migrations of its own (shared-postgres). Set from the
+        // first release, so no history is ever re-read under another name.
+        migrator.dangerous_set_table_name("_statehouse_shop_migrations");
         // Several processes starting at once on a fresh SQLite file can race
         // on the first migration (Postgres takes an advisory lock); the loser
         // finds it applied on the next try.
@@ -218,16 +222,10 @@ impl Db {
         .await?
         .rows_affected()
             == 1;
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            order_columns!(),
-            " FROM orders WHERE user_id = $1 AND idempotency_key = $2"
-        ))
-        .bind(user_id)
-        .bind(key)
-        .fetch_one(&self.pool)
-        .await?;
-        let order = order_from_row(&row)?;
+        let order = self
+            .order_by_key(user_id, key)
+            .await?
+            .ok_or_else(|| AppError::internal("checkout", "the order just placed is not there"))?;
         if inserted {
             Ok(Placed::Created(order))
         } else if order.items == *items {
@@ -238,6 +236,20 @@ impl Db {
                 order.id
             )))
         }
+    }
+
+    /// The order a (user, idempotency key) placed, if any.
+    pub async fn order_by_key(&self, user_id: i64, key: &str) -> Result<Option<Order>, AppError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE user_id = $1 AND idempotency_key = $2"
+        ))
+        .bind(user_id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(order_from_row).transpose()
     }
 
     /// A user's orders, oldest first.

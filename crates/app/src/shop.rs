@@ -504,23 +504,19 @@ async fn checkout(
 ) -> Result<Response, AppError> {
     let key = idempotency_key(&headers)?;
     let user = current_user(&session).await?;
-    let cart = read_cart(&session).await?;
-    let placed = if cart.is_empty() {
-        // A retry whose first attempt emptied the cart still finds its order.
-        match shop
-            .db
-            .orders(user.id)
-            .await?
-            .into_iter()
-            .find(|o| o.idempotency_key == key)
-        {
-            Some(order) => Placed::Replayed(order),
-            None => return Err(AppError::Unprocessable("the cart is empty".into())),
+    // A retry finds the order its first attempt placed, whatever that
+    // attempt did to the cart before its answer was lost.
+    let placed = match shop.db.order_by_key(user.id, &key).await? {
+        Some(order) => Placed::Replayed(order),
+        None => {
+            let cart = read_cart(&session).await?;
+            if cart.is_empty() {
+                return Err(AppError::Unprocessable("the cart is empty".into()));
+            }
+            shop.db
+                .place_order(user.id, &key, &cart, cart_total(&cart)?, &shop.name)
+                .await?
         }
-    } else {
-        shop.db
-            .place_order(user.id, &key, &cart, cart_total(&cart)?, &shop.name)
-            .await?
     };
     let (status, order) = match placed {
         Placed::Created(order) => (StatusCode::CREATED, order),
@@ -528,7 +524,9 @@ async fn checkout(
     };
     // The cart is emptied after the order is durable. If this instance dies
     // in between, the retry (same key) replays the order and empties the
-    // cart then; `checkout` in the session remembers which key did.
+    // cart then; `checkout` in the session remembers which key did. (A line
+    // the first attempt already took and the user re-added since would be
+    // taken again: the one window where a retry can undo a newer change.)
     if session.get::<String>("checkout").await?.as_deref() != Some(&key) {
         take_from_cart(&session, &order.items).await?;
         session.insert("checkout", &key)?;
