@@ -99,6 +99,13 @@ enum Command {
         /// Durable database URL.
         #[arg(long, default_value = "sqlite://.statehouse/shop.db")]
         database: String,
+        /// How long a claimed order stays this worker's; after that, if it
+        /// died, another worker takes the order again.
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        lease: Duration,
+        /// Simulated work per order.
+        #[arg(long, value_parser = parse_duration, default_value = "300ms")]
+        work: Duration,
     },
     /// Run the HTTP load balancer in front of N instances.
     ///
@@ -201,11 +208,19 @@ fn main() -> ExitCode {
             },
             listen,
         )),
-        Command::Worker { name, database } => {
+        Command::Worker {
+            name,
+            database,
+            lease,
+            work,
+        } => {
             statehouse_app::die_with_parent();
+            let mut config = statehouse_app::worker::WorkerConfig::new(name, database);
+            config.lease = lease;
+            config.work = work;
             runtime
                 .block_on(statehouse_app::worker::run(
-                    statehouse_app::worker::WorkerConfig::new(name, database),
+                    config,
                     statehouse_lb::shutdown_signal(),
                 ))
                 .map_err(Into::into)
