@@ -409,10 +409,10 @@ async fn current_user(session: &Session) -> Result<User, AppError> {
 async fn read_cart(session: &Session) -> Result<BTreeMap<String, u32>, AppError> {
     let mut cart = BTreeMap::new();
     for p in &CATALOG {
-        if let Some(qty) = session.get::<u32>(&cart_field(p.id)).await? {
-            if qty > 0 {
-                cart.insert(p.id.to_owned(), qty);
-            }
+        if let Some(qty) = session.get::<u32>(&cart_field(p.id)).await?
+            && qty > 0
+        {
+            cart.insert(p.id.to_owned(), qty);
         }
     }
     Ok(cart)

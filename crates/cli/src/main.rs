@@ -133,7 +133,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One thread for accepting, the admin API and health checks: the load balancer serves
+    // connections on worker threads of its own (`workers`, one per core by default).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("statehouse: cannot start the async runtime: {e}");

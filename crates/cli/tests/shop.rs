@@ -267,34 +267,31 @@ async fn user_script(base: String, n: usize, tally: Arc<Tally>, may_lose: bool) 
             last = round + 1;
         }
         let key = format!("u{n}-r{round}");
-        loop {
-            let a = user
-                .call(t, "POST", "/api/checkout", None, Some(&key))
-                .await;
-            match a.status {
-                200 | 201 => {
-                    let items: BTreeMap<String, u32> =
-                        serde_json::from_value(a.body["order"]["items"].clone()).unwrap();
-                    if items != cart {
-                        t.lost_writes.fetch_add(1, Ordering::Relaxed);
-                    }
-                    acked_orders.insert(key.clone(), cart.clone());
-                    t.checkouts.fetch_add(1, Ordering::SeqCst);
-                    cart.clear();
-                    break;
+        // `call` retries (same key) until an answer that is not a 5xx.
+        let a = user
+            .call(t, "POST", "/api/checkout", None, Some(&key))
+            .await;
+        match a.status {
+            200 | 201 => {
+                let items: BTreeMap<String, u32> =
+                    serde_json::from_value(a.body["order"]["items"].clone()).unwrap();
+                if items != cart {
+                    t.lost_writes.fetch_add(1, Ordering::Relaxed);
                 }
-                401 | 422 if may_lose => {
-                    // The session (and the cart with it) died with its instance.
-                    t.lost_sessions.fetch_add(1, Ordering::Relaxed);
-                    t.lost_writes
-                        .fetch_add(cart.len() as u64, Ordering::Relaxed);
-                    cart.clear();
-                    user.cookies.clear();
-                    user.log_in(t, false).await;
-                    break;
-                }
-                s => panic!("checkout {key}: {s} {}", a.body),
+                acked_orders.insert(key.clone(), cart.clone());
+                t.checkouts.fetch_add(1, Ordering::SeqCst);
+                cart.clear();
             }
+            401 | 422 if may_lose => {
+                // The session (and the cart with it) died with its instance.
+                t.lost_sessions.fetch_add(1, Ordering::Relaxed);
+                t.lost_writes
+                    .fetch_add(cart.len() as u64, Ordering::Relaxed);
+                cart.clear();
+                user.cookies.clear();
+                user.log_in(t, false).await;
+            }
+            s => panic!("checkout {key}: {s} {}", a.body),
         }
     }
     // What the tier says now.

@@ -27,11 +27,14 @@ use serde_json::{Value, json};
 use super::Tier;
 use crate::error::AppError;
 
+/// One instance's balancer counters when last sampled: when, requests,
+/// latency sum (s) and latency count.
+type Sample = (Instant, f64, f64, f64);
+
 #[derive(Debug, Clone)]
 struct Dash {
     tier: Arc<Tier>,
-    /// Per instance: when last sampled, requests and latency sum/count then.
-    samples: Arc<Mutex<HashMap<String, (Instant, f64, f64, f64)>>>,
+    samples: Arc<Mutex<HashMap<String, Sample>>>,
 }
 
 pub(super) fn router(tier: Arc<Tier>) -> Router {

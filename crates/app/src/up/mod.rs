@@ -311,11 +311,9 @@ impl Tier {
         if let Some(c) = self
             .lock()
             .get_mut(name)
-            .filter(|c| c.generation == generation)
+            .filter(|c| c.generation == generation && c.status == "starting")
         {
-            if c.status == "starting" {
-                c.status = "running".into();
-            }
+            c.status = "running".into();
         }
         Ok(())
     }
@@ -324,10 +322,10 @@ impl Tier {
         let url = format!("http://127.0.0.1:{port}/readyz");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(r) = self.http.get(&url).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
+            if let Ok(r) = self.http.get(&url).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
             }
             let exited = self
                 .lock()
