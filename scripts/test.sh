@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the servers the tests start for themselves (Redis, Postgres, NATS,
-# from the distribution's packages, only when missing) and runs every check:
+# from the distribution's packages, only when missing), Chromium and Node.js
+# for the browser test (playwright-core from npm, at the version in
+# crates/cli/tests/browser/package-lock.json), and runs every check:
 # formatting, clippy with warnings as errors, and every test of the workspace.
 #
 # The tests never use servers already running on the machine: the harness
@@ -14,6 +16,9 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing ${missing[*]} (Debian packages)"
@@ -22,6 +27,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     "${as_root[@]}" apt-get update -q
     "${as_root[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+browser=crates/cli/tests/browser
+if [ ! -d "$browser/node_modules/playwright-core" ]; then
+    echo "==> npm ci (playwright-core for the browser test)"
+    (cd "$browser" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 echo "==> cargo fmt --check"

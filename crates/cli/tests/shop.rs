@@ -461,3 +461,51 @@ async fn rolling_restart_under_load_fails_no_request() {
     assert_eq!(r.0, 0, "failed requests during the rolling restart");
     assert_nothing_lost(r);
 }
+
+/// A person's view, in headless Chromium (the distribution's package,
+/// driven by playwright-core from npm; `scripts/test.sh` installs both): log
+/// in, fill the cart, kill -9 the serving instance from the dashboard,
+/// reload, find the cart intact. Screenshots go to
+/// `target/tmp/browser-shop/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_cart_survives_killing_the_serving_instance() {
+    let script_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).exists()
+            && script_dir.join("node_modules/playwright-core").exists(),
+        "the browser test needs {chromium} (apt-get install chromium) and playwright-core \
+         (npm ci in {}); ./scripts/test.sh installs both",
+        script_dir.display()
+    );
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-shop");
+    std::fs::create_dir_all(&out).unwrap();
+    let tier = Tier::start(Arch::SharedSqlite, None, None).await;
+    let result = tokio::process::Command::new("node")
+        .arg(script_dir.join("shop.mjs"))
+        .arg(format!("http://{}/", tier.addrs.shop))
+        .arg(format!("http://{}/", tier.addrs.dashboard))
+        .arg(&out)
+        .env("CHROMIUM", &chromium)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), result)
+        .await
+        .expect("the browser run ends within 120 s")
+        .expect("node runs (apt-get install nodejs)");
+    tier.stop().await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "browser test failed (screenshots in {}):\n{stdout}\n{stderr}",
+        out.display()
+    );
+    for shot in [
+        "1-cart-before.png",
+        "2-dashboard-after-kill.png",
+        "3-cart-after-kill.png",
+    ] {
+        assert!(out.join(shot).exists(), "{shot} was not written");
+    }
+}

@@ -1,0 +1,74 @@
+// The shop in a real browser: log in, fill the cart, kill -9 the instance
+// that served us from the dashboard, reload, and find the cart intact.
+// Usage: node shop.mjs SHOP_URL DASHBOARD_URL SCREENSHOT_DIR
+// Exit 0 on success; on failure, print why, take a screenshot, exit 1.
+import { chromium } from "playwright-core";
+
+const [shopUrl, dashboardUrl, outDir] = process.argv.slice(2);
+const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
+const browser = await chromium.launch({ executablePath, args: ["--no-sandbox"] });
+const context = await browser.newContext();
+const shop = await context.newPage();
+let step = "start";
+const say = (msg) => console.log(`browser: ${msg}`);
+
+async function cartRows() {
+  return (await shop.locator("#cart tr").allInnerTexts()).map((t) => t.replace(/\s+/g, " ").trim());
+}
+
+try {
+  step = "open the shop";
+  await shop.goto(shopUrl);
+  await shop.waitForSelector("#catalog tr");
+
+  step = "sign up";
+  await shop.fill("#email", `browser-${Date.now()}@shop.example`);
+  await shop.fill("#password", "correct horse battery");
+  await shop.click("button[data-action=signup]");
+  await shop.waitForFunction(() => document.querySelector("#who").textContent.startsWith("logged in as"));
+
+  step = "fill the cart";
+  for (const item of ["tea", "tea", "mug"]) {
+    const before = await shop.locator("#log div").count();
+    await shop.click(`#catalog button[onclick="add('${item}')"]`);
+    // add = GET /api/me, PUT the line, GET /api/me (refresh): wait for all three.
+    await shop.waitForFunction((n) => document.querySelectorAll("#log div").length >= n + 3, before);
+  }
+  await shop.waitForFunction(() => document.querySelector("#cart").textContent.includes("× 2"));
+  const before = await cartRows();
+  const servedBy = (await shop.textContent("#served")).trim();
+  say(`cart ${JSON.stringify(before)}, last served by ${servedBy}`);
+  await shop.screenshot({ path: `${outDir}/1-cart-before.png`, fullPage: true });
+
+  step = `kill ${servedBy} from the dashboard`;
+  const dash = await context.newPage();
+  await dash.goto(dashboardUrl);
+  const row = dash.locator("#rows tr", { hasText: servedBy }).first();
+  await row.waitFor();
+  await row.locator("button.kill").click();
+  await dash.waitForFunction(
+    (name) => [...document.querySelectorAll("#rows tr")].some((tr) => tr.cells[0].textContent === name && tr.textContent.includes("exited")),
+    servedBy,
+  );
+  await dash.screenshot({ path: `${outDir}/2-dashboard-after-kill.png`, fullPage: true });
+  say(`${servedBy} killed`);
+
+  step = "reload the shop";
+  await shop.bringToFront();
+  await shop.reload();
+  await shop.waitForFunction(() => document.querySelector("#who").textContent.startsWith("logged in as"), null, { timeout: 15000 });
+  await shop.waitForFunction(() => document.querySelector("#cart").textContent.includes("× 2"), null, { timeout: 15000 });
+  const after = await cartRows();
+  const servedAfter = (await shop.textContent("#served")).trim();
+  await shop.screenshot({ path: `${outDir}/3-cart-after-kill.png`, fullPage: true });
+  say(`after the kill: cart ${JSON.stringify(after)}, served by ${servedAfter}`);
+  if (JSON.stringify(after) !== JSON.stringify(before)) throw new Error(`cart changed: ${JSON.stringify(after)}`);
+  if (servedAfter === servedBy) throw new Error(`still served by the killed ${servedBy}`);
+  say("ok");
+  await browser.close();
+} catch (e) {
+  console.error(`browser: failed at "${step}": ${e.message}`);
+  try { await shop.screenshot({ path: `${outDir}/failure.png`, fullPage: true }); } catch {}
+  await browser.close();
+  process.exit(1);
+}
