@@ -59,7 +59,15 @@ impl Arch {
             Arch::SharedRedis => &["redis", "rediss"],
             Arch::SharedRedisCluster => &["redis+cluster"],
             Arch::SharedPostgres => &["postgres", "postgresql"],
-            Arch::Token => &[],
+            // Only the refresh-token families: any shared store.
+            Arch::Token => &[
+                "sqlite",
+                "redis",
+                "rediss",
+                "redis+cluster",
+                "postgres",
+                "postgresql",
+            ],
         }
     }
 }

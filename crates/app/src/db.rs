@@ -194,6 +194,21 @@ impl Db {
         .transpose()
     }
 
+    /// The user with this id.
+    pub async fn user_by_id(&self, id: i64) -> Result<Option<User>, AppError> {
+        let row = sqlx::query("SELECT email FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(User {
+                id,
+                email: row.try_get("email")?,
+            })
+        })
+        .transpose()
+    }
+
     /// Places an order once per (user, idempotency key): a retried checkout
     /// gets the order the first attempt made. The same key with a different
     /// cart is refused.

@@ -5,7 +5,7 @@
 //!
 //! | state | where it lives |
 //! |---|---|
-//! | login, cart | the session ([`statehouse_session`]) in the store the architecture names |
+//! | login, cart | the session ([`statehouse_session`]) in the store the architecture names; with `--arch token`, a signed access token, a refresh token (its family in the store) and an encrypted cart cookie ([`statehouse_token`]) |
 //! | users, orders | the durable database (SQLite or Postgres, through sqlx; [`db`]) |
 //! | avatars | the object store (a local directory by default; [`objects`]) |
 //! | order processing | the queue the orders table is (leases, at-least-once; [`worker`]) |
@@ -17,6 +17,7 @@
 pub mod arch;
 pub mod db;
 mod error;
+pub mod identity;
 pub mod objects;
 pub mod shop;
 pub mod up;
@@ -24,6 +25,7 @@ pub mod worker;
 
 pub use arch::Arch;
 pub use error::AppError;
+pub use identity::TokenKeys;
 pub use shop::{ServeConfig, serve};
 
 /// Seconds since the Unix epoch.

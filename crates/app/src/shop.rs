@@ -32,13 +32,14 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use statehouse_session::{Session, SessionConfig, SessionKeys, SessionLayer};
+use statehouse_session::{SessionConfig, SessionKeys, SessionLayer};
 use statehouse_store::StoreConfig;
 use tracing::Instrument;
 
 use crate::arch::Arch;
 use crate::db::{Db, Placed, User};
 use crate::error::AppError;
+use crate::identity::{self, TokenKeys, Tokens, Visitor};
 use crate::objects::{self, Objects};
 
 /// How one instance is set up.
@@ -55,6 +56,8 @@ pub struct ServeConfig {
     /// The object store (a directory).
     pub objects: String,
     pub session_keys: SessionKeys,
+    /// The access-token and cart-cookie keys; required with `--arch token`.
+    pub token_keys: Option<TokenKeys>,
     /// Session cookies without `Secure`, for plain HTTP on a developer's
     /// machine. Off unless asked for.
     pub insecure_cookies: bool,
@@ -105,10 +108,6 @@ fn product(id: &str) -> Result<&'static Product, AppError> {
         .ok_or_else(|| AppError::NotFound(format!("no product {id:?}")))
 }
 
-fn cart_field(item: &str) -> String {
-    format!("cart.{item}")
-}
-
 #[derive(Debug, Clone)]
 struct Shop {
     name: Arc<str>,
@@ -142,11 +141,6 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
 /// Builds the shop for `config`: opens the stores, applies migrations.
 /// Returns the router and the flag that turns `/readyz` to 503.
 pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppError> {
-    if config.arch == Arch::Token {
-        return Err(AppError::BadRequest(
-            "--arch token is not built yet; use a shared-* architecture or sticky-memory".into(),
-        ));
-    }
     let scheme = config.session_store.split(':').next().unwrap_or_default();
     if !config.arch.session_schemes().contains(&scheme) {
         return Err(AppError::BadRequest(format!(
@@ -168,6 +162,20 @@ pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppE
     }
     let db = Db::open(&config.database).await?;
     let objects = Objects::open(&config.objects)?;
+    let tokens = match (config.arch, &config.token_keys) {
+        (Arch::Token, Some(keys)) => Some(Arc::new(Tokens::new(
+            keys.clone(),
+            store.clone(),
+            db.clone(),
+            !config.insecure_cookies,
+        )?)),
+        (Arch::Token, None) => {
+            return Err(AppError::BadRequest(
+                "--arch token needs STATEHOUSE_TOKEN_KEYS and STATEHOUSE_COOKIE_KEYS".into(),
+            ));
+        }
+        _ => None,
+    };
     let draining = Arc::new(AtomicBool::new(false));
     let shop = Shop {
         name: config.name.as_str().into(),
@@ -197,8 +205,16 @@ pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppE
                 .layer(DefaultBodyLimit::max(objects::MAX_AVATAR_BYTES)),
         )
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
-        .layer(middleware::from_fn(same_origin))
-        .layer(SessionLayer::new(store, session_config));
+        .layer(middleware::from_fn(same_origin));
+    // Identity and cart: a server-side session, or tokens and a sealed
+    // cookie (no session at all).
+    let api = match tokens {
+        Some(tokens) => api.layer(middleware::from_fn_with_state(
+            tokens,
+            identity::token_layer,
+        )),
+        None => api.layer(SessionLayer::new(store, session_config)),
+    };
     let router = Router::new()
         .route(
             "/",
@@ -356,29 +372,21 @@ async fn verify_password(password: String, hash: String) -> Result<bool, AppErro
     .map_err(|e| AppError::internal("password check task", e))?
 }
 
-/// Logs `user` into `session`: a new id first (fixation defence), the cart
-/// kept.
-async fn start_login(session: &Session, user: &User) -> Result<(), AppError> {
-    session.rotate_id().await?;
-    session.insert("user", user)?;
-    Ok(())
-}
-
 async fn signup(
     State(shop): State<Shop>,
-    session: Session,
+    visitor: Visitor,
     JsonBody(creds): JsonBody<Credentials>,
 ) -> Result<impl IntoResponse, AppError> {
     let email = creds.validate()?;
     let hash = hash_password(creds.password).await?;
     let user = shop.db.create_user(&email, &hash).await?;
-    start_login(&session, &user).await?;
+    visitor.log_in(&user).await?;
     Ok((StatusCode::CREATED, Json(json!({ "user": user }))))
 }
 
 async fn login(
     State(shop): State<Shop>,
-    session: Session,
+    visitor: Visitor,
     JsonBody(creds): JsonBody<Credentials>,
 ) -> Result<Json<serde_json::Value>, AppError> {
     let email = creds.validate()?;
@@ -390,32 +398,22 @@ async fn login(
     let Some((user, _)) = found.filter(|_| ok) else {
         return Err(AppError::Unauthorized);
     };
-    start_login(&session, &user).await?;
+    visitor.log_in(&user).await?;
     Ok(Json(json!({ "user": user })))
 }
 
-async fn logout(session: Session) -> Result<Json<serde_json::Value>, AppError> {
-    session.destroy().await?;
+async fn logout(visitor: Visitor) -> Result<Json<serde_json::Value>, AppError> {
+    visitor.log_out().await?;
     Ok(Json(json!({ "user": null })))
 }
 
-async fn current_user(session: &Session) -> Result<User, AppError> {
-    session
-        .get::<User>("user")
-        .await?
-        .ok_or(AppError::Unauthorized)
+async fn current_user(visitor: &Visitor) -> Result<User, AppError> {
+    visitor.user().await?.ok_or(AppError::Unauthorized)
 }
 
-async fn read_cart(session: &Session) -> Result<BTreeMap<String, u32>, AppError> {
-    let mut cart = BTreeMap::new();
-    for p in &CATALOG {
-        if let Some(qty) = session.get::<u32>(&cart_field(p.id)).await?
-            && qty > 0
-        {
-            cart.insert(p.id.to_owned(), qty);
-        }
-    }
-    Ok(cart)
+async fn read_cart(visitor: &Visitor) -> Result<BTreeMap<String, u32>, AppError> {
+    let ids: Vec<&str> = CATALOG.iter().map(|p| p.id).collect();
+    visitor.cart(&ids).await
 }
 
 fn cart_total(cart: &BTreeMap<String, u32>) -> Result<i64, AppError> {
@@ -426,10 +424,10 @@ fn cart_total(cart: &BTreeMap<String, u32>) -> Result<i64, AppError> {
 
 async fn me(
     State(shop): State<Shop>,
-    session: Session,
+    visitor: Visitor,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let user = session.get::<User>("user").await?;
-    let cart = read_cart(&session).await?;
+    let user = visitor.user().await?;
+    let cart = read_cart(&visitor).await?;
     Ok(Json(json!({
         "user": user,
         "cart": cart,
@@ -446,7 +444,7 @@ struct CartLine {
 /// Sets one cart line. One field of the session: a request changing another
 /// line at the same time, on any instance, never loses this one.
 async fn set_cart_line(
-    session: Session,
+    visitor: Visitor,
     Path(item): Path<String>,
     JsonBody(line): JsonBody<CartLine>,
 ) -> Result<Json<serde_json::Value>, AppError> {
@@ -456,11 +454,7 @@ async fn set_cart_line(
             "at most {MAX_QTY} of one product"
         )));
     }
-    if line.qty == 0 {
-        session.remove(&cart_field(p.id))?;
-    } else {
-        session.insert(&cart_field(p.id), &line.qty)?;
-    }
+    visitor.set_line(p.id, line.qty)?;
     Ok(Json(json!({ "item": p.id, "qty": line.qty })))
 }
 
@@ -482,34 +476,21 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, AppError> {
     Ok(key.to_owned())
 }
 
-/// Takes the ordered quantities out of the cart, one compare-and-set per
-/// line, so a line changed meanwhile on another instance keeps the change.
-async fn take_from_cart(session: &Session, items: &BTreeMap<String, u32>) -> Result<(), AppError> {
-    for (item, ordered) in items {
-        session
-            .update::<u32, _>(&cart_field(item), |qty| {
-                qty.map(|q| q.saturating_sub(*ordered)).filter(|q| *q > 0)
-            })
-            .await?;
-    }
-    Ok(())
-}
-
 /// Places the cart as an order, once per `Idempotency-Key`: a retry after a
 /// lost answer gets the same order (200) instead of a second one (201).
 async fn checkout(
     State(shop): State<Shop>,
-    session: Session,
+    visitor: Visitor,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
     let key = idempotency_key(&headers)?;
-    let user = current_user(&session).await?;
+    let user = current_user(&visitor).await?;
     // A retry finds the order its first attempt placed, whatever that
     // attempt did to the cart before its answer was lost.
     let placed = match shop.db.order_by_key(user.id, &key).await? {
         Some(order) => Placed::Replayed(order),
         None => {
-            let cart = read_cart(&session).await?;
+            let cart = read_cart(&visitor).await?;
             if cart.is_empty() {
                 return Err(AppError::Unprocessable("the cart is empty".into()));
             }
@@ -527,27 +508,24 @@ async fn checkout(
     // cart then; `checkout` in the session remembers which key did. (A line
     // the first attempt already took and the user re-added since would be
     // taken again: the one window where a retry can undo a newer change.)
-    if session.get::<String>("checkout").await?.as_deref() != Some(&key) {
-        take_from_cart(&session, &order.items).await?;
-        session.insert("checkout", &key)?;
-    }
+    visitor.take_order(&key, &order.items).await?;
     Ok((status, Json(json!({ "order": order }))).into_response())
 }
 
 async fn orders(
     State(shop): State<Shop>,
-    session: Session,
+    visitor: Visitor,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let user = current_user(&session).await?;
+    let user = current_user(&visitor).await?;
     Ok(Json(json!({ "orders": shop.db.orders(user.id).await? })))
 }
 
 async fn put_avatar(
     State(shop): State<Shop>,
-    session: Session,
+    visitor: Visitor,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let user = current_user(&session).await?;
+    let user = current_user(&visitor).await?;
     let image = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => AppError::TooLarge(format!(
             "an avatar has at most {} bytes",
@@ -565,8 +543,8 @@ async fn put_avatar(
     Ok(Json(json!({ "type": mime, "bytes": bytes })))
 }
 
-async fn get_avatar(State(shop): State<Shop>, session: Session) -> Result<Response, AppError> {
-    let user = current_user(&session).await?;
+async fn get_avatar(State(shop): State<Shop>, visitor: Visitor) -> Result<Response, AppError> {
+    let user = current_user(&visitor).await?;
     let image = shop
         .objects
         .avatar(user.id)

@@ -25,6 +25,7 @@ async fn shop() -> Shop {
         database: format!("sqlite://{}", dir.path().join("shop.db").display()),
         objects: dir.path().join("objects").display().to_string(),
         session_keys: SessionKeys::generate("t1"),
+        token_keys: None,
         insecure_cookies: true,
         drain_delay: Duration::ZERO,
     };

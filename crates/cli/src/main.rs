@@ -36,7 +36,7 @@ enum Command {
         #[arg(long)]
         instances: Option<usize>,
         /// sticky-memory | shared-sqlite | shared-redis | shared-redis-cluster
-        /// | shared-postgres (token is not built yet).
+        /// | shared-postgres | token (default shared-sqlite).
         #[arg(long)]
         arch: Option<Arch>,
         /// The shop's port on 127.0.0.1 (default 8080; 0 = any free port).
@@ -63,6 +63,9 @@ enum Command {
     ///
     /// Session keys come from STATEHOUSE_SESSION_KEYS (`kid:base64secret`,
     /// newest first) or --session-keys-file; every instance must share them.
+    /// With --arch token, the access-token keys come from
+    /// STATEHOUSE_TOKEN_KEYS (`KID:ALG:env:VAR` or `KID:ALG:file:PATH`) and
+    /// the cart-cookie keys from STATEHOUSE_COOKIE_KEYS (`ID:env:VAR`).
     Serve {
         /// The name in X-Served-By.
         #[arg(long, default_value = "app-1")]
@@ -207,6 +210,16 @@ fn main() -> ExitCode {
                         eprintln!("statehouse serve: {e}");
                         return ExitCode::FAILURE;
                     }
+                },
+                token_keys: match arch {
+                    Arch::Token => match statehouse_app::TokenKeys::from_env() {
+                        Ok(keys) => Some(keys),
+                        Err(e) => {
+                            eprintln!("statehouse serve: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    },
+                    _ => None,
                 },
                 insecure_cookies,
                 drain_delay,

@@ -423,6 +423,12 @@ async fn shared_postgres_loses_nothing_when_an_instance_is_killed() {
     assert_nothing_lost(kill_one_mid_run(Arch::SharedPostgres, Some(url), None).await);
 }
 
+/// No session at all: identity in tokens, the cart in a sealed cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_mode_loses_nothing_when_an_instance_is_killed() {
+    assert_nothing_lost(kill_one_mid_run(Arch::Token, None, None).await);
+}
+
 /// The contrast: sessions in instance memory die with the instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sticky_memory_loses_the_killed_instances_sessions() {

@@ -103,7 +103,8 @@ struct Plan {
     database: String,
     objects: String,
     logs: PathBuf,
-    session_keys: String,
+    /// Keys for the children's environment.
+    secrets: Vec<(String, String)>,
 }
 
 impl Plan {
@@ -119,7 +120,7 @@ impl Plan {
         let session_store = match (&config.session_store, config.arch) {
             (Some(url), _) => url.clone(),
             (None, Arch::StickyMemory) => "memory://".to_owned(),
-            (None, Arch::SharedSqlite) => sqlite("sessions.db"),
+            (None, Arch::SharedSqlite | Arch::Token) => sqlite("sessions.db"),
             (None, arch) => {
                 return Err(AppError::BadRequest(format!(
                     "--arch {arch} needs --session-store URL (a {} server)",
@@ -148,35 +149,59 @@ impl Plan {
             database,
             objects,
             logs: dir.join("logs"),
-            session_keys: session_keys(&dir)?,
+            secrets: secrets_env(&dir)?,
         })
     }
 }
 
-/// The session signing key every instance shares: from
-/// `STATEHOUSE_SESSION_KEYS` if set, else `dir/session-keys`, made (mode
-/// 0600) on first start so sessions outlive a restart of `up`.
-fn session_keys(dir: &Path) -> Result<String, AppError> {
-    if let Ok(keys) = std::env::var("STATEHOUSE_SESSION_KEYS") {
-        return Ok(keys);
-    }
-    let path = dir.join("session-keys");
-    if let Ok(keys) = std::fs::read_to_string(&path) {
+/// The keys every instance shares, as environment variables for the
+/// children: the session signing key, and token mode's access-token and
+/// cart-cookie keys. Each secret comes from the environment if set, else
+/// from a file in `dir`, made (mode 0600) on first start so sessions and
+/// tokens outlive a restart of `up`.
+fn secrets_env(dir: &Path) -> Result<Vec<(String, String)>, AppError> {
+    let session = match std::env::var("STATEHOUSE_SESSION_KEYS") {
+        Ok(keys) => keys,
+        Err(_) => format!("k1:{}", secret_file(&dir.join("session-key"))?),
+    };
+    let token = match std::env::var("STATEHOUSE_TOKEN_SECRET") {
+        Ok(secret) => secret,
+        Err(_) => secret_file(&dir.join("token-key"))?,
+    };
+    let cookie = match std::env::var("STATEHOUSE_COOKIE_SECRET") {
+        Ok(secret) => secret,
+        Err(_) => secret_file(&dir.join("cookie-key"))?,
+    };
+    Ok(vec![
+        ("STATEHOUSE_SESSION_KEYS".into(), session),
+        (
+            "STATEHOUSE_TOKEN_KEYS".into(),
+            "t1:HS256:env:STATEHOUSE_TOKEN_SECRET".into(),
+        ),
+        ("STATEHOUSE_TOKEN_SECRET".into(), token),
+        (
+            "STATEHOUSE_COOKIE_KEYS".into(),
+            "1:env:STATEHOUSE_COOKIE_SECRET".into(),
+        ),
+        ("STATEHOUSE_COOKIE_SECRET".into(), cookie),
+    ])
+}
+
+/// 32 random bytes in base64, kept in `path` (created with mode 0600).
+fn secret_file(path: &Path) -> Result<String, AppError> {
+    if let Ok(keys) = std::fs::read_to_string(path) {
         return Ok(keys.trim().to_owned());
     }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| AppError::internal("random key", e))?;
-    let keys = format!(
-        "k1:{}",
-        base64::engine::general_purpose::STANDARD.encode(secret)
-    );
+    let keys = base64::engine::general_purpose::STANDARD.encode(secret);
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .and_then(|mut f| f.write_all(keys.as_bytes()))
         .map_err(|e| AppError::internal(&format!("writing {}", path.display()), e))?;
     Ok(keys)
@@ -250,7 +275,7 @@ impl Tier {
             }
         }
         cmd.args(["--database", &plan.database])
-            .env("STATEHOUSE_SESSION_KEYS", &plan.session_keys)
+            .envs(plan.secrets.iter().map(|(k, v)| (k, v)))
             .env("STATEHOUSE_PARENT_PID", std::process::id().to_string())
             .env(
                 "RUST_LOG",
