@@ -535,8 +535,12 @@ pub async fn run(
     let plan = Plan::resolve(&config)?;
     let say = |msg: &str| println!("statehouse up: {msg}");
     say(&format!(
-        "architecture {}; sessions in {}; orders in {}; files in {}",
+        "architecture {}; {} in {}; orders in {}; files in {}",
         plan.arch,
+        match plan.arch {
+            Arch::Token => "refresh tokens",
+            _ => "sessions",
+        },
         crate::db::redact(&plan.session_store),
         crate::db::redact(&plan.database),
         plan.objects
