@@ -20,6 +20,7 @@ mod error;
 pub mod identity;
 pub mod objects;
 pub mod shop;
+mod stats;
 pub mod up;
 pub mod worker;
 

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /` | the shop page |
 //! | `GET /healthz`, `GET /readyz` | alive; ready (503 while draining) |
+//! | `GET /internal/stats` | recent requests and active visitors, for the dashboard (bearer token; 404 otherwise) |
 //! | `GET /api/catalog` | the products |
 //! | `POST /api/signup`, `POST /api/login` `{"email","password"}` | sign up / log in (new session id) |
 //! | `POST /api/logout` | ends the session |
@@ -41,6 +42,7 @@ use crate::db::{Db, Placed, User};
 use crate::error::AppError;
 use crate::identity::{self, TokenKeys, Tokens, Visitor};
 use crate::objects::{self, Objects};
+use crate::stats::{self, Served, Stats};
 
 /// How one instance is set up.
 #[derive(Debug, Clone)]
@@ -58,6 +60,9 @@ pub struct ServeConfig {
     pub session_keys: SessionKeys,
     /// The access-token and cart-cookie keys; required with `--arch token`.
     pub token_keys: Option<TokenKeys>,
+    /// The bearer token for `GET /internal/stats`; without one the route is
+    /// closed.
+    pub admin_token: Option<String>,
     /// Session cookies without `Secure`, for plain HTTP on a developer's
     /// machine. Off unless asked for.
     pub insecure_cookies: bool,
@@ -115,6 +120,8 @@ struct Shop {
     db: Db,
     objects: Objects,
     draining: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+    admin_token: Option<Arc<str>>,
 }
 
 /// A JSON body that fails with the shop's error shape (400/413/415), not
@@ -188,6 +195,8 @@ pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppE
         db,
         objects,
         draining: draining.clone(),
+        stats: Arc::default(),
+        admin_token: config.admin_token.as_deref().map(Arc::from),
     };
     let api = Router::new()
         .route("/catalog", get(catalog))
@@ -222,6 +231,7 @@ pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppE
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/internal/stats", get(internal_stats))
         .nest("/api", api)
         .fallback(|| async { AppError::NotFound("no such page".into()) })
         .layer(middleware::from_fn_with_state(shop.clone(), served_by))
@@ -256,7 +266,13 @@ pub async fn serve(
         .map_err(|e| AppError::internal("serving", e))
 }
 
+/// Names the instance in every response, carries the balancer's request id
+/// into the logs, and keeps the instance's recent-requests list.
 async fn served_by(State(shop): State<Shop>, req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let visitor = stats::visitor_id(req.headers()).map(str::to_owned);
     let request_id = req
         .headers()
         .get("x-request-id")
@@ -268,7 +284,31 @@ async fn served_by(State(shop): State<Shop>, req: Request, next: Next) -> Respon
     response
         .headers_mut()
         .insert("x-served-by", shop.served_by.clone());
+    if !matches!(path.as_str(), "/healthz" | "/readyz" | "/internal/stats") {
+        shop.stats.record(
+            visitor.as_deref(),
+            Served {
+                at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                method,
+                path,
+                status: response.status().as_u16(),
+                micros: started.elapsed().as_micros() as u64,
+            },
+        );
+    }
     response
+}
+
+/// The instance's own numbers for the dashboard; 404 without the admin
+/// token, as if the route did not exist.
+async fn internal_stats(State(shop): State<Shop>, headers: HeaderMap) -> Response {
+    if stats::authorized(&headers, shop.admin_token.as_deref()) {
+        Json(shop.stats.snapshot()).into_response()
+    } else {
+        AppError::NotFound("no such page".into()).into_response()
+    }
 }
 
 /// Refuses state-changing requests that do not come from this origin.

@@ -26,6 +26,7 @@ async fn shop() -> Shop {
         objects: dir.path().join("objects").display().to_string(),
         session_keys: SessionKeys::generate("t1"),
         token_keys: None,
+        admin_token: Some("dash".into()),
         insecure_cookies: true,
         drain_delay: Duration::ZERO,
     };
@@ -322,4 +323,40 @@ async fn tampered_cookies_mean_no_session_never_an_error() {
         assert_eq!(status, StatusCode::OK, "{bad}");
         assert!(me["user"].is_null(), "{bad}: {me}");
     }
+}
+
+#[tokio::test]
+async fn internal_stats_need_the_admin_token() {
+    let mut s = shop().await;
+    s.get("/api/catalog").await;
+    let (status, _) = s.get("/internal/stats").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = s
+        .raw(
+            Method::GET,
+            "/internal/stats",
+            None,
+            None,
+            Vec::new(),
+            &[("authorization", "Bearer nope")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, stats) = s
+        .raw(
+            Method::GET,
+            "/internal/stats",
+            None,
+            None,
+            Vec::new(),
+            &[("authorization", "Bearer dash")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let recent = stats["recent"].as_array().unwrap();
+    assert!(
+        recent.iter().any(|r| r["path"] == "/api/catalog"),
+        "{stats}"
+    );
+    assert!(recent.iter().all(|r| r["path"] != "/internal/stats"));
 }

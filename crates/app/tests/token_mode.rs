@@ -27,6 +27,7 @@ async fn shop(dir: &std::path::Path) -> String {
                 .unwrap(),
             cookie: CookieKeys::new().with_key(1, [9u8; 32]).unwrap(),
         }),
+        admin_token: Some("dash".into()),
         insecure_cookies: true,
         drain_delay: Duration::ZERO,
     };

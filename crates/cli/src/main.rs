@@ -66,6 +66,8 @@ enum Command {
     /// With --arch token, the access-token keys come from
     /// STATEHOUSE_TOKEN_KEYS (`KID:ALG:env:VAR` or `KID:ALG:file:PATH`) and
     /// the cart-cookie keys from STATEHOUSE_COOKIE_KEYS (`ID:env:VAR`).
+    /// STATEHOUSE_ADMIN_TOKEN, if set, opens GET /internal/stats to that
+    /// bearer token.
     Serve {
         /// The name in X-Served-By.
         #[arg(long, default_value = "app-1")]
@@ -221,6 +223,9 @@ fn main() -> ExitCode {
                     },
                     _ => None,
                 },
+                admin_token: std::env::var("STATEHOUSE_ADMIN_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty()),
                 insecure_cookies,
                 drain_delay,
             },

@@ -3,7 +3,7 @@
 //! | request | effect |
 //! |---|---|
 //! | `GET /` | the page |
-//! | `GET /api/state` | every child with its balancer view: health, in-flight, requests/s, mean latency |
+//! | `GET /api/state` | every child with its balancer view (health, in-flight, requests/s, mean latency) and its own (visitors active in the last 5 minutes), and the most recent requests over all instances |
 //! | `POST /api/instances` | start one more instance and add it to the balancer |
 //! | `POST /api/instances/{name}/kill` | kill -9 |
 //! | `POST /api/instances/{name}/restart` | drain, stop, start, undrain (a killed one is just started) |
@@ -94,13 +94,42 @@ async fn state(State(dash): State<Dash>) -> Result<Json<Value>, AppError> {
     };
     let sums = metric_by_instance(&metrics, "statehouse_lb_request_duration_seconds_sum");
     let counts = metric_by_instance(&metrics, "statehouse_lb_request_duration_seconds_count");
+    let children = tier.children();
+    let mut per_instance = HashMap::new();
+    for c in children
+        .iter()
+        .filter(|c| c.role == super::Role::Instance && c.pid.is_some())
+    {
+        if let Some(s) = tier.instance_stats(c.port).await {
+            per_instance.insert(c.name.clone(), s);
+        }
+    }
+    // The most recent requests over every instance, newest first.
+    let mut recent: Vec<Value> = per_instance
+        .iter()
+        .flat_map(|(name, s)| {
+            s["recent"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |mut r| {
+                    r["instance"] = json!(name);
+                    r
+                })
+        })
+        .collect();
+    recent.sort_by_key(|r| std::cmp::Reverse(r["at_ms"].as_u64().unwrap_or(0)));
+    recent.truncate(15);
     let now = Instant::now();
     let mut samples = dash.samples.lock().unwrap_or_else(|p| p.into_inner());
-    let children: Vec<Value> = tier
-        .children()
+    let children: Vec<Value> = children
         .into_iter()
         .map(|c| {
             let mut v = json!(c);
+            if let Some(s) = per_instance.get(&c.name) {
+                v["active_visitors"] = s["active_visitors"].clone();
+            }
             let seen = lb
                 .as_array()
                 .and_then(|list| list.iter().find(|i| i["name"] == c.name.as_str()));
@@ -128,6 +157,7 @@ async fn state(State(dash): State<Dash>) -> Result<Json<Value>, AppError> {
         "database": crate::db::redact(&tier.plan.database),
         "uptime_s": tier.started.elapsed().as_secs(),
         "children": children,
+        "recent": recent,
     })))
 }
 

@@ -172,7 +172,15 @@ fn secrets_env(dir: &Path) -> Result<Vec<(String, String)>, AppError> {
         Ok(secret) => secret,
         Err(_) => secret_file(&dir.join("cookie-key"))?,
     };
+    let mut admin = [0u8; 24];
+    getrandom::fill(&mut admin).map_err(|e| AppError::internal("random token", e))?;
     Ok(vec![
+        // For the dashboard's calls to the instances' /internal/stats; new
+        // on every start of `up`.
+        (
+            "STATEHOUSE_ADMIN_TOKEN".into(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(admin),
+        ),
         ("STATEHOUSE_SESSION_KEYS".into(), session),
         (
             "STATEHOUSE_TOKEN_KEYS".into(),
@@ -504,6 +512,25 @@ impl Tier {
 
     fn children(&self) -> Vec<ChildState> {
         self.lock().values().cloned().collect()
+    }
+
+    /// An instance's `/internal/stats`, if it answers.
+    async fn instance_stats(&self, port: u16) -> Option<serde_json::Value> {
+        let token = self
+            .plan
+            .secrets
+            .iter()
+            .find(|(k, _)| k == "STATEHOUSE_ADMIN_TOKEN")
+            .map(|(_, v)| v.as_str())?;
+        let r = self
+            .http
+            .get(format!("http://127.0.0.1:{port}/internal/stats"))
+            .bearer_auth(token)
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .ok()?;
+        serde_json::from_slice(&r.bytes().await.ok()?).ok()
     }
 }
 

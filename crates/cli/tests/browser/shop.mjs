@@ -45,6 +45,8 @@ try {
   await dash.goto(dashboardUrl);
   const row = dash.locator("#rows tr", { hasText: servedBy }).first();
   await row.waitFor();
+  // The dashboard lists the requests we just made, with who served them.
+  await dash.waitForFunction(() => document.querySelectorAll("#recent tr").length > 0);
   await row.locator("button.kill").click();
   await dash.waitForFunction(
     (name) => [...document.querySelectorAll("#rows tr")].some((tr) => tr.cells[0].textContent === name && tr.textContent.includes("exited")),
