@@ -2,7 +2,8 @@
 # Installs the servers the tests start for themselves (Redis, Postgres, NATS,
 # from the distribution's packages, only when missing), Chromium and Node.js
 # for the browser test (playwright-core from npm, at the version in
-# crates/cli/tests/browser/package-lock.json), and runs every check:
+# crates/cli/tests/browser/package-lock.json), moto's S3-compatible server
+# from PyPI for the object-store test, and runs every check:
 # formatting, clippy with warnings as errors, and every test of the workspace.
 #
 # The tests never use servers already running on the machine: the harness
@@ -27,6 +28,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     "${as_root[@]}" apt-get update -q
     "${as_root[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v moto_server >/dev/null 2>&1; then
+    echo "==> pip install moto[server] (an S3-compatible server for the object-store test)"
+    python3 -m pip install --quiet 'moto[server]==5.2.1'
 fi
 
 browser=crates/cli/tests/browser

@@ -55,7 +55,8 @@ enum Command {
         /// Durable database URL (sqlite:// or postgres://).
         #[arg(long)]
         database: Option<String>,
-        /// Object store directory.
+        /// Object store: a directory, or s3://BUCKET[/PREFIX][?aws_endpoint=...]
+        /// (credentials from the AWS_* environment variables).
         #[arg(long)]
         objects: Option<String>,
     },
@@ -82,7 +83,8 @@ enum Command {
         /// Durable database URL.
         #[arg(long, default_value = "sqlite://.statehouse/shop.db")]
         database: String,
-        /// Object store directory.
+        /// Object store: a directory, or s3://BUCKET[/PREFIX][?aws_endpoint=...]
+        /// (credentials from the AWS_* environment variables).
         #[arg(long, default_value = ".statehouse/objects")]
         objects: String,
         /// A file holding the session keys, instead of the environment.

@@ -33,18 +33,27 @@ struct Tier {
 
 impl Tier {
     async fn start(arch: Arch, session_store: Option<String>, database: Option<String>) -> Tier {
+        Self::start_with(arch, |c| {
+            c.session_store = session_store;
+            c.database = database;
+        })
+        .await
+    }
+
+    async fn start_with(arch: Arch, adjust: impl FnOnce(&mut UpConfig)) -> Tier {
         let dir = tempfile::tempdir().unwrap();
-        let config = UpConfig {
+        let mut config = UpConfig {
             dir: dir.path().to_owned(),
             instances: 3,
             arch,
             port: 0,
             dashboard_port: 0,
-            session_store,
-            database,
+            session_store: None,
+            database: None,
             objects: None,
             exe: Some(env!("CARGO_BIN_EXE_statehouse").into()),
         };
+        adjust(&mut config);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -514,4 +523,148 @@ async fn browser_cart_survives_killing_the_serving_instance() {
     ] {
         assert!(out.join(shot).exists(), "{shot} was not written");
     }
+}
+
+/// A private S3-compatible server: moto's (PyPI `moto[server]`, installed by
+/// `scripts/test.sh`), on a free loopback port, killed on drop.
+struct S3Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl S3Server {
+    async fn start() -> S3Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto_server runs (pip install 'moto[server]'; ./scripts/test.sh installs it)");
+        let server = S3Server { child, port };
+        let http = reqwest::Client::new();
+        for _ in 0..200 {
+            if http.get(server.url("/")).send().await.is_ok() {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("moto_server did not answer on port {port} within 10 s");
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Avatars in an S3-compatible store: uploaded through one instance, served
+/// by every instance, still there after the uploading instance is killed,
+/// and in the bucket — not on any instance's disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avatars_in_s3_are_served_by_every_instance() {
+    let s3 = S3Server::start().await;
+    let http = reqwest::Client::new();
+    let made = http.put(s3.url("/shop-avatars")).send().await.unwrap();
+    assert!(
+        made.status().is_success(),
+        "create bucket: {}",
+        made.status()
+    );
+    let objects = format!(
+        "s3://shop-avatars/shop?aws_endpoint={}&aws_allow_http=true&aws_region=us-east-1\
+         &aws_access_key_id=test&aws_secret_access_key=test",
+        s3.url("")
+    );
+    let tier = Tier::start_with(Arch::SharedSqlite, |c| c.objects = Some(objects.clone())).await;
+    let tally = Tally::default();
+    let base = format!("http://{}", tier.addrs.shop);
+    let mut user = User::new(&base, "avatar@shop.example".into());
+    user.log_in(&tally, true).await;
+
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend((0..4096u32).map(|i| (i % 251) as u8));
+    let put = user
+        .http
+        .put(format!("{base}/api/avatar"))
+        .header("origin", &base)
+        .header(
+            "cookie",
+            user.cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+        .body(png.clone())
+        .send()
+        .await
+        .unwrap();
+    let status = put.status();
+    let uploader_header = put.headers().get("x-served-by").cloned();
+    assert_eq!(
+        status,
+        200,
+        "{:?}: {}",
+        uploader_header,
+        put.text().await.unwrap()
+    );
+    let put_by = uploader_header.unwrap();
+    let uploader = put_by.to_str().unwrap().to_owned();
+
+    let fetch = |user: &User| {
+        let req = user.http.get(format!("{base}/api/avatar")).header(
+            "cookie",
+            user.cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        async move {
+            let r = req.send().await.unwrap();
+            let by = r.headers()["x-served-by"].to_str().unwrap().to_owned();
+            (r.status(), by, r.bytes().await.unwrap())
+        }
+    };
+    let mut served_by = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let (status, by, body) = fetch(&user).await;
+        assert_eq!(status, 200, "{by}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(&body[..], &png[..], "the same bytes from {by}");
+        served_by.insert(by);
+    }
+    assert_eq!(
+        served_by.len(),
+        3,
+        "every instance serves it: {served_by:?}"
+    );
+
+    tier.dashboard(&format!("/api/instances/{uploader}/kill"))
+        .await;
+    for _ in 0..3 {
+        let (status, by, body) = fetch(&user).await;
+        assert_eq!(status, 200);
+        assert_ne!(by, uploader);
+        assert_eq!(&body[..], &png[..]);
+    }
+    // In the bucket, read with no instance involved.
+    let bucket = statehouse_app::objects::Objects::open(&objects).unwrap();
+    let stored = bucket
+        .avatar(1)
+        .await
+        .unwrap()
+        .expect("the avatar is in the bucket");
+    assert_eq!(&stored[..], &png[..]);
+    tier.stop().await;
 }
