@@ -570,7 +570,8 @@ pub async fn run(
         },
         crate::db::redact(&plan.session_store),
         crate::db::redact(&plan.database),
-        plan.objects
+        // The query may carry S3 credentials.
+        plan.objects.split('?').next().unwrap_or_default()
     ));
     // The schema once, before the instances race for it.
     crate::db::Db::open(&plan.database).await?;
