@@ -140,12 +140,16 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    // One thread for accepting, the admin API and health checks: the load balancer serves
-    // connections on worker threads of its own (`workers`, one per core by default).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match &cli.command {
+        // The load balancer serves connections on worker threads of its own (`workers`, one
+        // per core by default); this runtime only accepts, and runs the admin API and the
+        // health checks.
+        Command::Lb { .. } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("statehouse: cannot start the async runtime: {e}");

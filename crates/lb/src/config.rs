@@ -22,6 +22,10 @@ pub struct LbConfig {
     /// configuration; [`run`](crate::run) takes a bound listener).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Proxy worker threads, each with its own event loop and its own keep-alive pool to the
+    /// instances; a client connection stays on one worker. `0` (the default): one per core.
+    #[serde(default)]
+    pub workers: usize,
     /// How an instance is picked for a request.
     #[serde(default)]
     pub policy: PolicyKind,
@@ -516,6 +520,9 @@ impl LbConfig {
                 return err(k, "must be greater than zero");
             }
         }
+        if self.workers > 1024 {
+            return err("workers", "must be at most 1024 (0: one per core)");
+        }
         if !(1024..=1024 * 1024).contains(&self.limits.max_head_bytes) {
             return err("limits.max_head_bytes", "must be between 1024 and 1048576");
         }
@@ -535,6 +542,16 @@ impl LbConfig {
             return err("shutdown.drain_deadline", "must be greater than zero");
         }
         Ok(())
+    }
+}
+
+impl LbConfig {
+    /// The number of proxy workers to run: `workers`, or one per core when it is 0.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            n => n,
+        }
     }
 }
 
@@ -761,6 +778,16 @@ mod tests {
             key_of("[limits]\nmax_head_bytes = 10"),
             "limits.max_head_bytes"
         );
+        assert_eq!(key_of("workers = 5000"), "workers");
+    }
+
+    #[test]
+    fn workers_default_to_one_per_core() {
+        let c = LbConfig::from_toml_str("").unwrap();
+        assert_eq!(c.workers, 0);
+        assert!(c.worker_count() >= 1);
+        let c = LbConfig::from_toml_str("workers = 3").unwrap();
+        assert_eq!(c.worker_count(), 3);
     }
 
     #[test]

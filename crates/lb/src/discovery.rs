@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::Uri;
+use http::uri::{self, Authority, PathAndQuery, Scheme};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -41,6 +43,9 @@ impl Discovery for StaticDiscovery {
 pub struct Backend {
     name: String,
     addr: String,
+    /// `addr` as a URI authority, parsed once rather than per request (`None` if it does not
+    /// parse, which validation rules out for configured and added instances).
+    authority: Option<Authority>,
     sticky_id: String,
     /// Set by the admin API: no new requests, in-flight ones finish.
     draining: AtomicBool,
@@ -48,6 +53,10 @@ pub struct Backend {
     healthy: AtomicBool,
     /// Passive ejection: out of rotation until this instant.
     ejected_until: Mutex<Option<Instant>>,
+    /// Whether `ejected_until` may be set: lets every request skip the lock (and the clock)
+    /// while the instance was never ejected or the ejection has been seen to end. Changed only
+    /// under that lock.
+    maybe_ejected: AtomicBool,
     consecutive_failures: AtomicU32,
     in_flight: AtomicU64,
     /// Woken whenever `in_flight` drops to zero (drain waits on it).
@@ -78,9 +87,11 @@ impl Backend {
             ),
             name: inst.name.clone(),
             addr: inst.addr.clone(),
+            authority: inst.addr.parse().ok(),
             draining: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             ejected_until: Mutex::new(None),
+            maybe_ejected: AtomicBool::new(false),
             consecutive_failures: AtomicU32::new(0),
             in_flight: AtomicU64::new(0),
             idle: Notify::new(),
@@ -97,6 +108,19 @@ impl Backend {
     /// `host:port`.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// `http://{addr}{path_and_query}`, the target of a request forwarded to this instance.
+    pub(crate) fn upstream_uri(&self, path_and_query: &PathAndQuery) -> Option<Uri> {
+        if !path_and_query.as_str().starts_with('/') {
+            // Asterisk-form and the like: not forwardable as an origin-form target.
+            return None;
+        }
+        let mut parts = uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(self.authority.clone()?);
+        parts.path_and_query = Some(path_and_query.clone());
+        Uri::from_parts(parts).ok()
     }
 
     /// The opaque value the sticky cookie carries for this instance (a hash of its name: it
@@ -117,8 +141,18 @@ impl Backend {
 
     /// Whether passive ejection has it out of rotation now.
     pub fn is_ejected(&self) -> bool {
-        self.ejected_until_locked()
-            .is_some_and(|t| Instant::now() < t)
+        if !self.maybe_ejected.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut until = self.ejected_until_locked();
+        match *until {
+            Some(t) if Instant::now() < t => true,
+            _ => {
+                *until = None;
+                self.maybe_ejected.store(false, Ordering::Release);
+                false
+            }
+        }
     }
 
     /// Requests (and WebSocket tunnels) in flight on this instance.
@@ -139,14 +173,16 @@ impl Backend {
         self.healthy.store(on, Ordering::Release);
     }
 
-    fn ejected_until_locked(&self) -> Option<Instant> {
-        // The lock only guards a copy of an `Option<Instant>`; a poisoned lock still holds a
-        // valid value.
-        *self.ejected_until.lock().unwrap_or_else(|p| p.into_inner())
+    fn ejected_until_locked(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // The lock only guards an `Option<Instant>` (and the flag beside it); a poisoned lock
+        // still holds a valid value.
+        self.ejected_until.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn eject_until(&self, until: Instant) {
-        *self.ejected_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+        let mut g = self.ejected_until_locked();
+        *g = Some(until);
+        self.maybe_ejected.store(true, Ordering::Release);
     }
 
     /// Counts a failure seen in live traffic; returns the new count of consecutive failures.
@@ -155,7 +191,10 @@ impl Backend {
     }
 
     pub(crate) fn record_success(&self) {
-        self.consecutive_failures.store(0, Ordering::Release);
+        // Read first: a store on every request would bounce the line between cores.
+        if self.consecutive_failures.load(Ordering::Acquire) != 0 {
+            self.consecutive_failures.store(0, Ordering::Release);
+        }
     }
 
     pub(crate) fn reset_failures(&self) {
@@ -275,6 +314,12 @@ impl BackendSet {
 
     pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// The current snapshot without touching its reference count (which every request would
+    /// otherwise bounce between cores): for short, synchronous use.
+    pub(crate) fn snapshot_ref(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
     }
 
     /// The current instances.

@@ -1,4 +1,11 @@
-//! The accept loop, client connections and graceful shutdown.
+//! The accept loop, the workers, client connections and graceful shutdown.
+//!
+//! Threads: the caller's runtime accepts connections and runs the admin API and the health
+//! checker; `workers` threads, each a single-threaded runtime, serve the client connections
+//! handed to them in turn. A connection, its requests and its pooled upstream connections all
+//! live on one worker, so a request never crosses threads (the shape of nginx's and HAProxy's
+//! workers). Work stealing buys little here — connections are many and alike — and costs a
+//! cross-thread wake-up on most hand-offs between a client connection and an upstream one.
 //!
 //! The one shutdown shape of the project: `run(listener, …, shutdown)`. When `shutdown`
 //! resolves, the listener is dropped (new connections are refused), a broadcast tells every
@@ -9,8 +16,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -96,15 +104,36 @@ pub async fn run_with<D: Discovery, H: HealthCheck>(
     ));
 
     let builder = Arc::new(connection_builder(&config));
-    tracing::info!(addr = ?listener.local_addr().ok(), admin = %admin_addr, "load balancer listening");
+    let workers = (0..config.worker_count())
+        .map(|i| {
+            let worker = Worker {
+                proxy: Arc::new(proxy.for_worker()),
+                builder: Arc::clone(&builder),
+                config: Arc::clone(&config),
+                shutdown: shutdown_rx.clone(),
+                life: life.clone(),
+            };
+            worker.spawn(i)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| LbError::io("starting a worker thread", e))?;
+    tracing::info!(addr = ?listener.local_addr().ok(), admin = %admin_addr, workers = workers.len(), "load balancer listening");
     tokio::pin!(shutdown);
+    let mut next = 0;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let task = serve_connection(stream, peer, Arc::clone(&proxy), Arc::clone(&builder), Arc::clone(&config), shutdown_rx.clone(), life.clone());
-                    tokio::spawn(task);
+                    // Round robin: connections are alike enough that counting them spreads
+                    // the load.
+                    let worker = &workers[next % workers.len()];
+                    next = next.wrapping_add(1);
+                    match stream.into_std() {
+                        // A worker only goes away after its queue is closed, below.
+                        Ok(stream) => { let _ = worker.send((stream, peer)); }
+                        Err(e) => tracing::debug!(%peer, error = %e, "cannot hand over a connection"),
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -115,6 +144,8 @@ pub async fn run_with<D: Discovery, H: HealthCheck>(
         }
     }
     drop(listener);
+    // Closing the queues lets each worker finish once its connections have.
+    drop(workers);
     tracing::info!("shutting down: draining connections");
     // Receivers only go away when their tasks have ended; nothing to tell then.
     let _ = shutdown_tx.send(true);
@@ -130,18 +161,85 @@ pub async fn run_with<D: Discovery, H: HealthCheck>(
     Ok(())
 }
 
+/// A connection accepted for a worker.
+type Accepted = (std::net::TcpStream, SocketAddr);
+
+/// What a worker thread needs to serve connections.
+struct Worker {
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    config: Arc<LbConfig>,
+    shutdown: watch::Receiver<bool>,
+    life: Lifecycle,
+}
+
+impl Worker {
+    /// Starts the thread; connections sent to the returned queue are served until it closes
+    /// and they (and their WebSocket tunnels) have finished. Then the worker drops its
+    /// `life`, which is how `run` knows it is done.
+    fn spawn(self, index: usize) -> std::io::Result<mpsc::UnboundedSender<Accepted>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("lb-worker-{index}"))
+            .spawn(move || runtime.block_on(self.run(rx)))?;
+        Ok(tx)
+    }
+
+    async fn run(self, mut queue: mpsc::UnboundedReceiver<Accepted>) {
+        // This worker's tasks hold clones of `local.done`: the runtime (and every task on it)
+        // goes away when this function returns, so it returns only when they are gone.
+        let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        let local = Lifecycle {
+            cut: self.life.cut.clone(),
+            done: done_tx,
+        };
+        while let Some((stream, peer)) = queue.recv().await {
+            let stream = match TcpStream::from_std(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot register a connection");
+                    continue;
+                }
+            };
+            tokio::spawn(serve_connection(
+                stream,
+                peer,
+                Arc::clone(&self.proxy),
+                Arc::clone(&self.builder),
+                Arc::clone(&self.config),
+                self.shutdown.clone(),
+                local.clone(),
+            ));
+        }
+        drop(local);
+        done_rx.recv().await;
+    }
+}
+
+/// hyper's HTTP/1 default limit on request headers.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 fn connection_builder(config: &LbConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     let max_head = config.limits.max_head_bytes;
-    b.http1()
-        .timer(TokioTimer::new())
+    let mut h1 = b.http1();
+    h1.timer(TokioTimer::new())
         // The head timeout and idle timeout are the watchdog's (hyper's would count idle
         // keep-alive time as head time).
         .header_read_timeout(None)
         .keep_alive(true)
         // The framing guard enforces the head limits first; hyper's must not be tighter.
-        .max_buf_size((max_head * 2 + 4096).max(8192))
-        .max_headers(config.limits.max_headers + 8);
+        .max_buf_size((max_head * 2 + 4096).max(8192));
+    // hyper's own limit is 100 headers, parsed into slots on the stack; any explicit limit
+    // moves them to the heap (two allocations per request). The guard has already refused
+    // heads over `max_headers` with the same parser, so hyper needs a limit of its own only
+    // when that is above 100.
+    if config.limits.max_headers > HYPER_DEFAULT_MAX_HEADERS {
+        h1.max_headers(config.limits.max_headers);
+    }
     // No HTTP/2 keep-alive pings: they would count as activity and keep an idle connection
     // open past the idle timeout, which is what closes dead clients' connections.
     b.http2()
@@ -183,30 +281,108 @@ async fn serve_connection(
         (t.idle.min(t.request_head) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
     let mut closing = false;
+    // The connection is polled on every wake-up (each request wakes it a few times); the
+    // watchdog's signals and timer only when one of them fired. Polling them every time costs
+    // two locks and a timer check per wake-up, for events that come once a second at most.
+    let watch_waker = Arc::new(WatchWaker::default());
+    let waker = Waker::from(Arc::clone(&watch_waker));
     loop {
-        tokio::select! {
-            res = conn.as_mut() => {
+        let watch = next_event(&mut shutdown, &mut cut, &mut tick, closing);
+        tokio::pin!(watch);
+        watch_waker.woken.store(true, Ordering::Release);
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Done(res));
+            }
+            if watch_waker.woken.swap(false, Ordering::AcqRel) {
+                watch_waker.set_task(cx.waker());
+                if let Poll::Ready(e) = watch.as_mut().poll(&mut Context::from_waker(&waker)) {
+                    return Poll::Ready(e);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Done(res) => {
                 if let Err(e) = res {
                     tracing::debug!(%peer, error = %e, "client connection ended with an error");
                 }
                 return;
             }
-            () = crate::until_set(&mut shutdown), if !closing => {
+            Event::Shutdown => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = crate::until_set(&mut cut) => return,
-            _ = tick.tick() => {
+            Event::Cut => return,
+            Event::Tick => {
                 if shared.head_for().is_some_and(|h| h >= t.request_head) {
                     tracing::debug!(%peer, "request head timeout");
                     return;
                 }
-                let idle = shared.in_flight.load(Ordering::Acquire) == 0 && shared.idle_for() >= t.idle;
+                let idle =
+                    shared.in_flight.load(Ordering::Acquire) == 0 && shared.idle_for() >= t.idle;
                 if idle && !closing {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
             }
+        }
+    }
+}
+
+/// What woke a client connection's task.
+enum Event<E> {
+    /// The connection finished.
+    Done(Result<(), E>),
+    /// Shutdown began: finish the requests in flight, then close.
+    Shutdown,
+    /// The drain deadline passed: close now.
+    Cut,
+    /// The watchdog's period: check the head and idle timeouts.
+    Tick,
+}
+
+/// The watchdog's next event (after `Shutdown`, only `Cut` or `Tick`).
+async fn next_event<E>(
+    shutdown: &mut watch::Receiver<bool>,
+    cut: &mut watch::Receiver<bool>,
+    tick: &mut tokio::time::Interval,
+    closing: bool,
+) -> Event<E> {
+    tokio::select! {
+        () = crate::until_set(shutdown), if !closing => Event::Shutdown,
+        () = crate::until_set(cut) => Event::Cut,
+        _ = tick.tick() => Event::Tick,
+    }
+}
+
+/// The waker handed to the watchdog: notes that it fired, then wakes the connection's task.
+#[derive(Default)]
+struct WatchWaker {
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl WatchWaker {
+    fn set_task(&self, waker: &Waker) {
+        // Held for a clone; never across an await. A poisoned lock still holds a valid waker.
+        let mut task = self.task.lock().unwrap_or_else(|p| p.into_inner());
+        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
+            *task = Some(waker.clone());
+        }
+    }
+}
+
+impl Wake for WatchWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Some(w) = self.task.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            w.wake_by_ref();
         }
     }
 }

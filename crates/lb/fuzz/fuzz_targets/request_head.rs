@@ -77,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
     let ctx = ForwardContext {
         client_ip: [192, 0, 2, 1].into(),
         proto: "http",
-        new_request_id: "fuzz-id".into(),
+        new_request_id: HeaderValue::from_static("fuzz-id"),
     };
     let norm = match normalize_request(&method, version, &mut headers, &ctx) {
         Ok(n) => n,

@@ -21,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,8 @@ const SYNTHETIC_HEAD: &[u8] =
     b"GET / HTTP/1.1\r\nhost: rejected.invalid\r\nconnection: close\r\n\r\n";
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const MAX_CHUNK_LINE: usize = 4096;
+/// `max_headers` up to this needs no allocation per head (see `finish_head`).
+const STACK_HEADERS: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
@@ -122,6 +125,14 @@ impl FrameScanner {
                         if input.is_empty() {
                             return;
                         }
+                        // The usual case: the whole head arrived in this read. Judge it where
+                        // it is instead of collecting it first.
+                        if let Some(pos) = find(input, b"\r\n\r\n") {
+                            let (head, rest) = input.split_at(pos + 4);
+                            input = rest;
+                            self.finish_head(head, out, verdicts);
+                            continue;
+                        }
                     }
                     let before = self.head.len();
                     self.head.extend_from_slice(input);
@@ -133,8 +144,11 @@ impl FrameScanner {
                             let used = end - before;
                             input = &input[used..];
                             self.head.truncate(end);
-                            let head = std::mem::take(&mut self.head);
+                            let mut head = std::mem::take(&mut self.head);
                             self.finish_head(&head, out, verdicts);
+                            // Keep the allocation for the next head that comes in pieces.
+                            head.clear();
+                            self.head = head;
                         }
                         None => {
                             if self.head.len() > self.max_head {
@@ -231,9 +245,18 @@ impl FrameScanner {
         if head.len() > self.max_head {
             return self.reject(431, "request head too large", out, verdicts);
         }
-        let mut storage = vec![httparse::EMPTY_HEADER; self.max_headers];
-        let mut req = httparse::Request::new(&mut storage);
-        match req.parse(head) {
+        // Header slots on the stack for the usual limits (no allocation per head), on the heap
+        // for a larger `max_headers`.
+        let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+        let mut heap = Vec::new();
+        let slots = if self.max_headers <= STACK_HEADERS {
+            &mut stack[..self.max_headers]
+        } else {
+            heap.resize_with(self.max_headers, MaybeUninit::uninit);
+            &mut heap[..]
+        };
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(head, slots) {
             Ok(httparse::Status::Complete(_)) => {}
             Err(httparse::Error::TooManyHeaders) => {
                 return self.reject(431, "too many request headers", out, verdicts);
@@ -421,6 +444,8 @@ pub(crate) struct GuardedIo<T> {
     ready: BytesMut,
     shared: Arc<ConnShared>,
     scratch: Box<[u8]>,
+    /// The verdicts of one read, before they join the shared queue (kept for its allocation).
+    verdicts: Vec<Verdict>,
 }
 
 impl<T> GuardedIo<T> {
@@ -437,6 +462,7 @@ impl<T> GuardedIo<T> {
             ready: BytesMut::new(),
             shared,
             scratch: vec![0; 16 * 1024].into_boxed_slice(),
+            verdicts: Vec::new(),
         }
     }
 }
@@ -469,16 +495,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                         continue;
                     }
                     this.shared.touch();
-                    let mut verdicts = Vec::new();
                     let was_in_head = this.scanner.head_in_progress();
-                    this.scanner.feed(data, &mut this.ready, &mut verdicts);
-                    if !verdicts.is_empty() {
+                    this.scanner.feed(data, &mut this.ready, &mut this.verdicts);
+                    if !this.verdicts.is_empty() {
                         let mut q = this
                             .shared
                             .verdicts
                             .lock()
                             .unwrap_or_else(|p| p.into_inner());
-                        q.extend(verdicts);
+                        q.extend(this.verdicts.drain(..));
                     }
                     let now_in_head = this.scanner.head_in_progress();
                     if now_in_head && !was_in_head {

@@ -27,6 +27,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
@@ -90,35 +91,40 @@ enum Failure {
     Upstream,
 }
 
-/// The forwarding half of the balancer, shared by every connection.
+/// The forwarding half of the balancer: one per worker, sharing everything but the pool of
+/// connections to the instances.
 #[derive(Debug)]
 pub(crate) struct Proxy {
     pub(crate) set: Arc<BackendSet>,
-    pub(crate) metrics: LbMetrics,
+    pub(crate) metrics: Arc<LbMetrics>,
+    /// This worker's keep-alive pool. Not shared between workers: a pooled connection is
+    /// driven by a task on the worker that opened it, so sharing would hand every request
+    /// across threads.
     client: Client<HttpConnector, UpstreamBody>,
     config: Arc<LbConfig>,
-    budget: RetryBudget,
+    budget: Arc<RetryBudget>,
 }
 
 impl Proxy {
     pub(crate) fn new(set: Arc<BackendSet>, config: Arc<LbConfig>) -> Self {
-        let t = &config.timeouts;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(t.connect));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(t.upstream_idle)
-            .pool_max_idle_per_host(256)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
         let budget = RetryBudget::new(config.retry.budget_ratio, config.retry.budget_min_per_sec);
         Self {
             set,
-            metrics: LbMetrics::default(),
-            client,
+            metrics: Arc::default(),
+            client: upstream_client(&config),
             config,
-            budget,
+            budget: Arc::new(budget),
+        }
+    }
+
+    /// A proxy for another worker: the same instances, metrics and retry budget, its own pool.
+    pub(crate) fn for_worker(&self) -> Self {
+        Self {
+            set: Arc::clone(&self.set),
+            metrics: Arc::clone(&self.metrics),
+            client: upstream_client(&self.config),
+            config: Arc::clone(&self.config),
+            budget: Arc::clone(&self.budget),
         }
     }
 
@@ -138,7 +144,7 @@ impl Proxy {
         let ctx = ForwardContext {
             client_ip: conn.client.ip(),
             proto: "http",
-            new_request_id: format!("{:032x}", fastrand::u128(..)),
+            new_request_id: normalize::new_request_id(),
         };
         let norm = match normalize_request(&parts.method, parts.version, &mut parts.headers, &ctx) {
             Ok(n) => n,
@@ -195,8 +201,8 @@ impl Proxy {
         let path_and_query = parts
             .uri
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
         self.budget.deposit();
         let mut tried: Vec<Arc<Backend>> = Vec::new();
@@ -217,10 +223,10 @@ impl Proxy {
             *up.method_mut() = parts.method.clone();
             *up.version_mut() = Version::HTTP_11;
             *up.headers_mut() = parts.headers.clone();
-            *up.uri_mut() = match format!("http://{}{}", backend.addr(), path_and_query).parse() {
-                Ok(u) => u,
+            *up.uri_mut() = match backend.upstream_uri(&path_and_query) {
+                Some(u) => u,
                 // The address was validated as host:port and the path came from a parsed URI.
-                Err(_) => {
+                None => {
                     return Ok(self.reject(400, "unforwardable request target", parts.version));
                 }
             };
@@ -234,7 +240,10 @@ impl Proxy {
                 Ok(Ok(mut resp)) => {
                     let rtt = started.elapsed();
                     backend.metrics.observe_latency(rtt);
-                    backend.observe_latency(rtt, self.config.p2c.decay);
+                    if self.config.policy == PolicyKind::P2cEwma {
+                        // Only P2C reads the estimate; the lock is not worth taking otherwise.
+                        backend.observe_latency(rtt, self.config.p2c.decay);
+                    }
                     let outcome = if resp.status().is_server_error() {
                         Outcome::ServerError
                     } else {
@@ -327,7 +336,7 @@ impl Proxy {
         key: &RequestKey<'_>,
         tried: &[Arc<Backend>],
     ) -> Option<(Arc<Backend>, PinOutcome)> {
-        let snap = self.set.snapshot();
+        let snap = self.set.snapshot_ref();
         let untried = |b: &Backend| !tried.iter().any(|t| std::ptr::eq(Arc::as_ptr(t), b));
         let strict = |b: &Backend| b.is_usable() && untried(b);
         if let Some(p) = snap.selector.select(&snap.backends, key, &strict) {
@@ -406,6 +415,20 @@ impl Proxy {
         );
         r
     }
+}
+
+/// The pooled keep-alive client to the instances.
+fn upstream_client(config: &LbConfig) -> Client<HttpConnector, UpstreamBody> {
+    let t = &config.timeouts;
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(t.connect));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(t.upstream_idle)
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.

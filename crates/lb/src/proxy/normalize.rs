@@ -7,6 +7,7 @@
 //! added. An `Upgrade` survives only on a real HTTP/1.1 upgrade request, with
 //! `Connection: upgrade` put back.
 
+use std::io::Write as _;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -41,7 +42,7 @@ pub struct ForwardContext {
     /// `http` (the proxy terminates no TLS).
     pub proto: &'static str,
     /// The id to use if the request brings none (or an unusable one).
-    pub new_request_id: String,
+    pub new_request_id: HeaderValue,
 }
 
 /// Why a request head was refused; the status to answer with.
@@ -110,35 +111,15 @@ pub fn normalize_request(
     }
 
     // X-Forwarded-For: the incoming chain (all lines, comma-joined) plus this hop's client.
-    let mut chain = String::new();
-    for v in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(s) = v.to_str() {
-            let s = s.trim();
-            if !s.is_empty() {
-                if !chain.is_empty() {
-                    chain.push_str(", ");
-                }
-                chain.push_str(s);
-            }
-        }
-    }
-    if !chain.is_empty() {
-        chain.push_str(", ");
-    }
-    chain.push_str(&ctx.client_ip.to_string());
-    headers.remove(&X_FORWARDED_FOR);
-    headers.insert(
-        X_FORWARDED_FOR,
-        HeaderValue::from_str(&chain).expect("visible ASCII from to_str and an IP address"),
-    );
+    let xff = forwarded_for(headers, ctx.client_ip);
+    headers.insert(X_FORWARDED_FOR, xff);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(ctx.proto));
 
     // A request id: the client's if it is one plausible id, else ours.
-    let ids: Vec<&HeaderValue> = headers.get_all(&X_REQUEST_ID).iter().collect();
-    let request_id = match ids.as_slice() {
-        [one] if is_good_request_id(one.as_bytes()) => (*one).clone(),
-        _ => HeaderValue::from_str(&ctx.new_request_id)
-            .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+    let mut ids = headers.get_all(&X_REQUEST_ID).iter();
+    let request_id = match (ids.next(), ids.next()) {
+        (Some(one), None) if is_good_request_id(one.as_bytes()) => one.clone(),
+        _ => ctx.new_request_id.clone(),
     };
     headers.insert(X_REQUEST_ID, request_id.clone());
 
@@ -163,29 +144,81 @@ pub fn normalize_response(status: http::StatusCode, headers: &mut HeaderMap) {
     }
 }
 
+/// The `X-Forwarded-For` value to send: every incoming line, comma-joined, then `client`.
+fn forwarded_for(headers: &HeaderMap, client: IpAddr) -> HeaderValue {
+    // An address is at most 45 bytes (an IPv6 address with an embedded IPv4 one).
+    let mut ip = [0u8; 64];
+    let ip_len = {
+        let mut w = &mut ip[..];
+        // Writing 45 bytes into 64 cannot fail.
+        let _ = write!(w, "{client}");
+        64 - w.len()
+    };
+    let ip = &ip[..ip_len];
+    let incoming = headers.get_all(&X_FORWARDED_FOR);
+    if incoming.iter().next().is_none() {
+        // The common case: this is the first hop. One allocation, no joining.
+        return HeaderValue::from_bytes(ip).expect("an IP address is visible ASCII");
+    }
+    let mut chain = Vec::with_capacity(64);
+    for v in incoming {
+        if let Ok(s) = v.to_str() {
+            let s = s.trim();
+            if !s.is_empty() {
+                if !chain.is_empty() {
+                    chain.extend_from_slice(b", ");
+                }
+                chain.extend_from_slice(s.as_bytes());
+            }
+        }
+    }
+    if !chain.is_empty() {
+        chain.extend_from_slice(b", ");
+    }
+    chain.extend_from_slice(ip);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(chain))
+        .expect("visible ASCII from to_str and an IP address")
+}
+
+/// A fresh request id: 32 random hex digits.
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut id = [0u8; 32];
+    for c in id.iter_mut().rev() {
+        *c = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are visible ASCII")
+}
+
 fn check_framing(version: Version, headers: &HeaderMap) -> Result<(), HeadRejection> {
-    let cls: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
-    let te: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
-    if !cls.is_empty() && !te.is_empty() {
+    // Counted without collecting: this runs on every request.
+    let mut cls = headers.get_all(header::CONTENT_LENGTH).iter();
+    let te = headers.get_all(header::TRANSFER_ENCODING);
+    let first_cl = cls.next();
+    let te_last = te.iter().next_back();
+    if first_cl.is_some() && te_last.is_some() {
         return Err(HeadRejection::ContentLengthWithTransferEncoding);
     }
-    if cls.len() > 1 {
+    if cls.next().is_some() {
         return Err(HeadRejection::MultipleContentLength);
     }
-    if let Some(cl) = cls.first() {
+    if let Some(cl) = first_cl {
         let b = cl.as_bytes();
         if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
             return Err(HeadRejection::InvalidContentLength);
         }
     }
-    if !te.is_empty() {
+    if let Some(last) = te_last {
         if version != Version::HTTP_11 {
             return Err(HeadRejection::InvalidTransferEncoding);
         }
         // Bytes, not `to_str`: the framing guard reads the same bytes the same way.
-        let last = te
-            .last()
-            .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+        let last = last
+            .as_bytes()
+            .rsplit(|&b| b == b',')
+            .next()
             .map(|c| c.trim_ascii());
         if !last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
             return Err(HeadRejection::InvalidTransferEncoding);
@@ -204,6 +237,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there is none: one pass over the (few) names present is cheaper than nine
+    // removals, each a hash lookup.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     // Headers the client declared connection-specific (`Connection: close, x-foo`).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -243,7 +281,7 @@ mod tests {
         ForwardContext {
             client_ip: [10, 0, 0, 9].into(),
             proto: "http",
-            new_request_id: "rid-1".into(),
+            new_request_id: HeaderValue::from_static("rid-1"),
         }
     }
 

@@ -7,66 +7,82 @@
 //! `min_per_sec` retries, refills continuously and is spent first.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::time::Instant;
+
+/// Budget amounts are kept in millionths of a retry, so that deposits are integer atomics.
+const UNIT: f64 = 1_000_000.0;
 
 /// A budget shared by every request of one balancer.
 #[derive(Debug)]
 pub(crate) struct RetryBudget {
-    ratio: f64,
+    /// `ratio` in units.
+    ratio: u64,
+    /// The cap on `earned`: what 1,000 requests earn.
+    cap: u64,
     min_per_sec: f64,
-    state: Mutex<State>,
+    /// Earned by requests, in units. An atomic and not part of `floor`'s lock: every request
+    /// deposits, and once the cap is reached a deposit is a plain read (no write to bounce
+    /// between cores).
+    earned: AtomicU64,
+    floor: Mutex<Floor>,
 }
 
 #[derive(Debug)]
-struct State {
-    earned: f64,
-    floor: f64,
+struct Floor {
+    available: f64,
     refilled: Instant,
 }
 
 impl RetryBudget {
     pub(crate) fn new(ratio: f64, min_per_sec: u32) -> Self {
         let min_per_sec = f64::from(min_per_sec);
+        let ratio = (ratio * UNIT).round() as u64;
         Self {
             ratio,
+            cap: ratio.saturating_mul(1000),
             min_per_sec,
-            state: Mutex::new(State {
-                earned: 0.0,
-                floor: min_per_sec,
+            earned: AtomicU64::new(0),
+            floor: Mutex::new(Floor {
+                available: min_per_sec,
                 refilled: Instant::now(),
             }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // Held for a few float operations, never across an await; a poisoned lock holds valid
-        // numbers.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// A request started.
     pub(crate) fn deposit(&self) {
-        let mut s = self.lock();
-        s.earned = (s.earned + self.ratio).min(self.ratio * 1000.0);
+        let (ratio, cap) = (self.ratio, self.cap);
+        // `None` (no write) once the cap is reached.
+        let _ = self
+            .earned
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
+                (e < cap).then(|| (e + ratio).min(cap))
+            });
     }
 
     /// Takes one retry if the budget allows.
     pub(crate) fn withdraw(&self) -> bool {
-        let mut s = self.lock();
-        let now = Instant::now();
-        let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
-        s.floor = (s.floor + elapsed * self.min_per_sec).min(self.min_per_sec);
-        s.refilled = now;
-        if s.floor >= 1.0 {
-            s.floor -= 1.0;
-            true
-        } else if s.earned >= 1.0 {
-            s.earned -= 1.0;
-            true
-        } else {
-            false
+        {
+            // Held for a few float operations, never across an await; a poisoned lock holds
+            // valid numbers.
+            let mut f = self.floor.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let elapsed = now.saturating_duration_since(f.refilled).as_secs_f64();
+            f.available = (f.available + elapsed * self.min_per_sec).min(self.min_per_sec);
+            f.refilled = now;
+            if f.available >= 1.0 {
+                f.available -= 1.0;
+                return true;
+            }
         }
+        let one = UNIT as u64;
+        self.earned
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
+                (e >= one).then(|| e - one)
+            })
+            .is_ok()
     }
 }
 
