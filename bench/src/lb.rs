@@ -270,6 +270,9 @@ fn version(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "not found".to_owned())
 }
 
+/// Starts one subject (or points at the backend directly).
+type Starter<'a> = Box<dyn Fn() -> Result<Subject, BoxError> + 'a>;
+
 /// Runs every subject and writes the report.
 pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
     let machine = crate::machine::describe().await;
@@ -291,7 +294,7 @@ pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
         config.duration.as_secs(),
         config.warmup.as_secs()
     );
-    let starts: [(&str, Box<dyn Fn() -> Result<Subject, BoxError>>); 4] = [
+    let starts: [(&str, Starter<'_>); 4] = [
         (
             "direct",
             Box::new(|| {
