@@ -68,12 +68,40 @@ impl Tier {
             .await
             .expect("up is ready within 120 s")
             .expect("up reports its addresses");
-        Tier {
+        let tier = Tier {
             addrs,
             stop: Some(stop_tx),
             task: Some(task),
             _dir: dir,
+        };
+        // Every instance in rotation before the users come, so each gets its
+        // share (and, under sticky-memory, its pinned users).
+        for _ in 0..600 {
+            let instances = tier.instances().await;
+            if instances.len() == 3 && instances.iter().all(|i| i["lb"]["healthy"] == true) {
+                return tier;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        panic!("the balancer did not see three healthy instances within 30 s");
+    }
+
+    /// The dashboard's view of the instances (not the worker).
+    async fn instances(&self) -> Vec<serde_json::Value> {
+        let text = reqwest::get(format!("http://{}/api/state", self.addrs.dashboard))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let state: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        state["children"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c["role"] == "instance")
+            .collect()
     }
 
     async fn dashboard(&self, path: &str) -> serde_json::Value {
@@ -384,6 +412,17 @@ async fn kill_one_mid_run(
     let tally = run_users(&tier, arch == Arch::StickyMemory, |tally| async move {
         let third = (USERS * ROUNDS / 3) as u64;
         tally.wait_for_checkouts(third).await;
+        // The kill must bite: app-2 is in rotation and has served users.
+        let app2 = tier_ref
+            .instances()
+            .await
+            .into_iter()
+            .find(|i| i["name"] == "app-2")
+            .unwrap();
+        assert!(
+            app2["lb"]["healthy"] == true && app2["lb"]["requests"].as_u64() > Some(0),
+            "app-2 is not serving before the kill: {app2}"
+        );
         tier_ref.dashboard("/api/instances/app-2/kill").await;
         at_kill_ref.store(tally.checkouts.load(Ordering::SeqCst), Ordering::SeqCst);
     })

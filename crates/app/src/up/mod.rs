@@ -630,9 +630,13 @@ async fn start_and_wait(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     let say = |msg: &str| println!("statehouse up: {msg}");
+    // Health: a dead instance refuses connections, which the balancer
+    // retries elsewhere and ejects on its own; the active check (1.5 s to
+    // mark down) is for hung ones, and three misses keep a slow machine
+    // from marking a live instance down.
     let mut lb_toml = format!(
         "listen = \"{}\"\npolicy = \"{}\"\n[admin]\nlisten = \"{}\"\n\
-         [health]\npath = \"/readyz\"\ninterval = \"500ms\"\ntimeout = \"400ms\"\nrise = 1\nfall = 1\n\
+         [health]\npath = \"/readyz\"\ninterval = \"500ms\"\ntimeout = \"450ms\"\nrise = 1\nfall = 3\n\
          [retry]\nidempotent = true\n[shutdown]\ndrain_deadline = \"10s\"\n",
         addrs.shop,
         tier.plan.arch.lb_policy(),
