@@ -118,9 +118,30 @@ impl Tier {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// Stops `up` and checks that it stopped every child process.
     async fn stop(mut self) {
+        let text = reqwest::get(format!("http://{}/api/state", self.addrs.dashboard))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let pids: Vec<u64> = state["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["pid"].as_u64())
+            .collect();
+        assert!(!pids.is_empty());
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap();
+        for pid in pids {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "child {pid} outlived up"
+            );
+        }
     }
 }
 
