@@ -36,6 +36,8 @@ pub struct BrokerConfig {
     pub retention: Retention,
     /// The largest payload accepted.
     pub max_payload_bytes: usize,
+    /// Prepended to every key (Redis), so brokers can share a server.
+    pub prefix: String,
 }
 
 impl BrokerConfig {
@@ -45,7 +47,13 @@ impl BrokerConfig {
             url: url.into(),
             retention: Retention::default(),
             max_payload_bytes: 64 * 1024,
+            prefix: String::new(),
         }
+    }
+
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
     }
 
     pub fn retention(mut self, retention: Retention) -> Self {

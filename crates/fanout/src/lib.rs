@@ -12,9 +12,9 @@
 //! [`BrokerError::Gap`] and knows to reload.
 //!
 //! Backends, one conformance suite ([`conformance`], feature
-//! `conformance`): memory (one process; the baseline) and SQLite (the
-//! embedded default, shared by processes on one host). Redis Streams and
-//! NATS JetStream follow, behind the same trait.
+//! `conformance`): memory (one process; the baseline), SQLite (the
+//! embedded default, shared by processes on one host) and Redis Streams
+//! (standalone or Cluster). NATS JetStream follows, behind the same trait.
 //!
 //! ```
 //! # async fn demo() -> Result<(), statehouse_fanout::BrokerError> {
@@ -31,6 +31,8 @@ mod broker;
 pub mod conformance;
 #[cfg(feature = "memory")]
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -41,7 +43,8 @@ pub use broker::{
 
 use std::sync::Arc;
 
-/// Opens the broker `config.url` names: `memory://` or `sqlite://PATH`.
+/// Opens the broker `config.url` names: `memory://`, `sqlite://PATH`,
+/// `redis://HOST:PORT` or `redis+cluster://HOST:PORT,...`.
 pub async fn open(config: BrokerConfig) -> Result<Arc<dyn Broker>> {
     let scheme = config.url.split_once(':').map_or("", |(s, _)| s);
     match scheme {
@@ -49,13 +52,19 @@ pub async fn open(config: BrokerConfig) -> Result<Arc<dyn Broker>> {
         "memory" => Ok(Arc::new(memory::MemoryBroker::new(config))),
         #[cfg(feature = "sqlite")]
         "sqlite" => Ok(Arc::new(sqlite::SqliteBroker::open(config).await?)),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" | "redis+cluster" => {
+            Ok(Arc::new(redis::RedisBroker::open(config).await?))
+        }
         #[allow(unreachable_patterns)]
-        "memory" | "sqlite" => Err(BrokerError::Config(format!(
-            "broker URL {:?}: the {scheme} backend is not compiled in",
-            config.url
-        ))),
+        "memory" | "sqlite" | "redis" | "rediss" | "redis+cluster" => {
+            Err(BrokerError::Config(format!(
+                "broker URL {:?}: the {scheme} backend is not compiled in",
+                config.url
+            )))
+        }
         _ => Err(BrokerError::Config(format!(
-            "broker URL {:?}: unknown scheme {scheme:?}; expected memory:// or sqlite://PATH",
+            "broker URL {:?}: unknown scheme {scheme:?}; expected memory://, sqlite://PATH, redis://HOST:PORT or redis+cluster://HOST:PORT,...",
             config.url
         ))),
     }

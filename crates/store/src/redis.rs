@@ -39,6 +39,55 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
+/// A reconnecting connection to one Redis server (`redis://`, `rediss://`)
+/// or a Redis Cluster (`redis+cluster://HOST:PORT,HOST:PORT`), as the store
+/// opens it: connect and response timeouts, bounded reconnect backoff,
+/// cluster redirections followed. Clone it freely: clones share the
+/// multiplexed connection. Other statehouse crates on Redis (the fan-out
+/// broker) open theirs here, so both see the same URLs and failure modes.
+#[derive(Clone)]
+pub struct RedisConnection(Conn);
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Conn::Single(_) => "RedisConnection(single)",
+            Conn::Cluster(_) => "RedisConnection(cluster)",
+        })
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        self.0.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        self.0.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
+/// Opens `url` (see [`RedisConnection`]) and checks it with a PING.
+/// Errors are `StoreError::Config` naming the server (password redacted)
+/// and what failed: refused, timed out, authentication.
+pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConnection> {
+    let backend = if url.starts_with("redis+cluster://") {
+        RedisBackend::open_cluster(url, timeout).await?
+    } else {
+        RedisBackend::open(url, timeout).await?
+    };
+    Ok(RedisConnection(backend.conn))
+}
+
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
