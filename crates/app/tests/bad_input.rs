@@ -2,12 +2,10 @@
 //! products, path tricks, cross-site requests, bad idempotency keys, tampered
 //! cookies. Each gets a clear 4xx, nothing is stored, and nothing is a 500.
 
-use std::time::Duration;
-
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
-use statehouse_app::{Arch, ServeConfig};
-use statehouse_session::SessionKeys;
+
+mod common;
 
 struct Shop {
     base: String,
@@ -18,18 +16,7 @@ struct Shop {
 
 async fn shop() -> Shop {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServeConfig {
-        name: "test-1".into(),
-        arch: Arch::SharedSqlite,
-        session_store: format!("sqlite://{}", dir.path().join("sessions.db").display()),
-        database: format!("sqlite://{}", dir.path().join("shop.db").display()),
-        objects: dir.path().join("objects").display().to_string(),
-        session_keys: SessionKeys::generate("t1"),
-        token_keys: None,
-        admin_token: Some("dash".into()),
-        insecure_cookies: true,
-        drain_delay: Duration::ZERO,
-    };
+    let config = common::config(dir.path(), "test-1");
     let (router, _) = statehouse_app::shop::app(&config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -4,24 +4,13 @@
 
 use std::time::Duration;
 
-use statehouse_app::{Arch, ServeConfig};
-use statehouse_session::SessionKeys;
+mod common;
 
 #[tokio::test]
 async fn readyz_turns_503_while_draining() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServeConfig {
-        name: "drain-1".into(),
-        arch: Arch::SharedSqlite,
-        session_store: format!("sqlite://{}", dir.path().join("sessions.db").display()),
-        database: format!("sqlite://{}", dir.path().join("shop.db").display()),
-        objects: dir.path().join("objects").display().to_string(),
-        session_keys: SessionKeys::generate("t1"),
-        token_keys: None,
-        admin_token: None,
-        insecure_cookies: true,
-        drain_delay: Duration::from_millis(800),
-    };
+    let mut config = common::config(dir.path(), "drain-1");
+    config.drain_delay = Duration::from_millis(800);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -4,33 +4,25 @@
 //! cookie that a tampered value cannot open.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
-use statehouse_app::{Arch, ServeConfig, TokenKeys};
-use statehouse_session::SessionKeys;
+use statehouse_app::{Arch, TokenKeys};
+
+mod common;
 use statehouse_token::{CookieKeys, Key, KeyRing};
 
 async fn shop(dir: &std::path::Path) -> String {
     let secret = [7u8; 32];
-    let config = ServeConfig {
-        name: "token-1".into(),
-        arch: Arch::Token,
-        session_store: format!("sqlite://{}", dir.join("refresh.db").display()),
-        database: format!("sqlite://{}", dir.join("shop.db").display()),
-        objects: dir.join("objects").display().to_string(),
-        session_keys: SessionKeys::generate("unused"),
-        token_keys: Some(TokenKeys {
-            ring: KeyRing::new()
-                .with_key(Key::hmac("t1", &secret).unwrap())
-                .unwrap(),
-            cookie: CookieKeys::new().with_key(1, [9u8; 32]).unwrap(),
-        }),
-        admin_token: Some("dash".into()),
-        insecure_cookies: true,
-        drain_delay: Duration::ZERO,
-    };
+    let mut config = common::config(dir, "token-1");
+    config.arch = Arch::Token;
+    config.session_store = format!("sqlite://{}", dir.join("refresh.db").display());
+    config.token_keys = Some(TokenKeys {
+        ring: KeyRing::new()
+            .with_key(Key::hmac("t1", &secret).unwrap())
+            .unwrap(),
+        cookie: CookieKeys::new().with_key(1, [9u8; 32]).unwrap(),
+    });
     let (router, _) = statehouse_app::shop::app(&config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -86,16 +86,20 @@ impl Tier {
         panic!("the balancer did not see three healthy instances within 30 s");
     }
 
-    /// The dashboard's view of the instances (not the worker).
-    async fn instances(&self) -> Vec<serde_json::Value> {
+    /// The dashboard's `/api/state`.
+    async fn state(&self) -> serde_json::Value {
         let text = reqwest::get(format!("http://{}/api/state", self.addrs.dashboard))
             .await
             .unwrap()
             .text()
             .await
             .unwrap();
-        let state: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        state["children"]
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// The dashboard's view of the instances (not the worker).
+    async fn instances(&self) -> Vec<serde_json::Value> {
+        self.state().await["children"]
             .as_array()
             .cloned()
             .unwrap_or_default()
@@ -120,14 +124,7 @@ impl Tier {
 
     /// Stops `up` and checks that it stopped every child process.
     async fn stop(mut self) {
-        let text = reqwest::get(format!("http://{}/api/state", self.addrs.dashboard))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let state: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let pids: Vec<u64> = state["children"]
+        let pids: Vec<u64> = self.state().await["children"]
             .as_array()
             .unwrap()
             .iter()
@@ -198,6 +195,16 @@ impl User {
         }
     }
 
+    /// The jar as a `Cookie` header value.
+    fn cookie_header(&self) -> String {
+        let jar: Vec<String> = self
+            .cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        jar.join("; ")
+    }
+
     /// One request; `None` when no answer came (connection cut).
     async fn once(
         &mut self,
@@ -211,12 +218,7 @@ impl User {
             .request(method.parse().unwrap(), format!("{}{path}", self.base))
             .header("origin", &self.base);
         if !self.cookies.is_empty() {
-            let jar: Vec<String> = self
-                .cookies
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            req = req.header("cookie", jar.join("; "));
+            req = req.header("cookie", self.cookie_header());
         }
         if let Some(key) = key {
             req = req.header("idempotency-key", key);
@@ -658,14 +660,7 @@ async fn avatars_in_s3_are_served_by_every_instance() {
         .http
         .put(format!("{base}/api/avatar"))
         .header("origin", &base)
-        .header(
-            "cookie",
-            user.cookies
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
+        .header("cookie", user.cookie_header())
         .body(png.clone())
         .send()
         .await
@@ -683,14 +678,10 @@ async fn avatars_in_s3_are_served_by_every_instance() {
     let uploader = put_by.to_str().unwrap().to_owned();
 
     let fetch = |user: &User| {
-        let req = user.http.get(format!("{base}/api/avatar")).header(
-            "cookie",
-            user.cookies
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join("; "),
-        );
+        let req = user
+            .http
+            .get(format!("{base}/api/avatar"))
+            .header("cookie", user.cookie_header());
         async move {
             let r = req.send().await.unwrap();
             let by = r.headers()["x-served-by"].to_str().unwrap().to_owned();

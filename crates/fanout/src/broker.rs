@@ -154,6 +154,21 @@ pub fn check_channel(channel: &str) -> Result<()> {
     }
 }
 
+impl BrokerConfig {
+    /// What every backend checks before publishing: the channel name and
+    /// the payload size.
+    pub(crate) fn check_publish(&self, channel: &str, payload: &[u8]) -> Result<()> {
+        check_channel(channel)?;
+        if payload.len() > self.max_payload_bytes {
+            return Err(BrokerError::TooLarge {
+                size: payload.len(),
+                limit: self.max_payload_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A new random epoch: 16 hex digits.
 pub fn new_epoch() -> String {
     let mut bytes = [0u8; 8];

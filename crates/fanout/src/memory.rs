@@ -10,8 +10,8 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::broker::{
-    Batch, Broker, BrokerConfig, BrokerError, Message, Offset, Published, Result, check_channel,
-    check_resume, new_epoch,
+    Batch, Broker, BrokerConfig, Message, Offset, Published, Result, check_channel, check_resume,
+    new_epoch,
 };
 
 #[derive(Debug)]
@@ -74,13 +74,7 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
-        check_channel(channel)?;
-        if payload.len() > self.config.max_payload_bytes {
-            return Err(BrokerError::TooLarge {
-                size: payload.len(),
-                limit: self.config.max_payload_bytes,
-            });
-        }
+        self.config.check_publish(channel, &payload)?;
         let mut logs = self.logs();
         let log = logs.entry(channel.to_owned()).or_insert_with(Log::new);
         log.last += 1;

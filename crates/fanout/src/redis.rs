@@ -181,13 +181,7 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
-        check_channel(channel)?;
-        if payload.len() > self.config.max_payload_bytes {
-            return Err(BrokerError::TooLarge {
-                size: payload.len(),
-                limit: self.config.max_payload_bytes,
-            });
-        }
+        self.config.check_publish(channel, &payload)?;
         let (log, meta) = self.keys(channel);
         let retention = &self.config.retention;
         let mut conn = self.conn.clone();

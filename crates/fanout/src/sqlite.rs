@@ -127,13 +127,7 @@ impl Broker for SqliteBroker {
     }
 
     async fn publish(&self, channel: &str, payload: Bytes) -> Result<Published> {
-        check_channel(channel)?;
-        if payload.len() > self.config.max_payload_bytes {
-            return Err(BrokerError::TooLarge {
-                size: payload.len(),
-                limit: self.config.max_payload_bytes,
-            });
-        }
+        self.config.check_publish(channel, &payload)?;
         let now = now_ms();
         let mut conn = self.writer.acquire().await.map_err(|e| self.error(e))?;
         let mut tx = conn
