@@ -156,6 +156,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Inside the runtime from here on: `shutdown_signal()` installs its
+    // handlers when called, before a command says it is up.
+    let _runtime_context = runtime.enter();
     let result = match cli.command {
         Command::Lb { config, overrides } => runtime.block_on(lb(config, overrides)),
         Command::Up {
@@ -280,12 +283,14 @@ async fn lb(
                 config.admin.listen
             )
         })?;
+    // Handlers first: a SIGTERM right after the line below drains, not kills.
+    let shutdown = statehouse_lb::shutdown_signal();
     println!(
         "statehouse lb: proxying on http://{}, admin on http://{}",
         listener.local_addr()?,
         admin.local_addr()?
     );
-    statehouse_lb::run(listener, admin, config, statehouse_lb::shutdown_signal()).await?;
+    statehouse_lb::run(listener, admin, config, shutdown).await?;
     Ok(())
 }
 
@@ -303,10 +308,11 @@ async fn serve(
     listen: SocketAddr,
 ) -> Result<(), Box<dyn std::error::Error>> {
     statehouse_app::die_with_parent();
+    let shutdown = statehouse_lb::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen} (--listen): {e}"))?;
-    statehouse_app::serve(listener, config, statehouse_lb::shutdown_signal()).await?;
+    statehouse_app::serve(listener, config, shutdown).await?;
     Ok(())
 }
 

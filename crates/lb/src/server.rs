@@ -387,26 +387,42 @@ impl Wake for WatchWaker {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C: the `shutdown` argument of [`run`] for a binary.
-pub async fn shutdown_signal() {
+/// A future that resolves on SIGTERM or Ctrl-C: the `shutdown` argument of [`run`] for a
+/// binary.
+///
+/// The signal handlers are installed when this is *called*, not when the future is first
+/// polled, so a signal that arrives between the call and the first poll (say, right after the
+/// binary printed that it is listening) still shuts down gracefully instead of killing the
+/// process. Call it inside a tokio runtime (`Runtime::enter` or an async context).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
+                (term, int) => {
+                    tracing::warn!(
+                        sigterm = term.is_ok(),
+                        sigint = int.is_ok(),
+                        "cannot listen for every shutdown signal; Ctrl-C only"
+                    );
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
