@@ -42,14 +42,10 @@ pub(crate) struct Stats {
 /// The part of the identity cookie that stays the same across a visit: the
 /// session id, or the refresh-token family (never the secret part).
 pub(crate) fn visitor_id(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|h| h.to_str().ok())
-        .flat_map(|h| h.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == "shop_session" || *name == "shop_refresh")
-        .and_then(|(_, value)| value.split('.').next())
+    ["shop_session", "shop_refresh"]
+        .into_iter()
+        .find_map(|name| crate::identity::cookie_value(headers, name))
+        .and_then(|value| value.split('.').next())
         .filter(|id| !id.is_empty())
 }
 

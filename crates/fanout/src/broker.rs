@@ -218,6 +218,18 @@ pub(crate) fn check_resume(
     Ok(())
 }
 
+/// What a read of a channel nobody has published to returns: an empty batch
+/// in the empty epoch (the first publish chooses the real one), or the
+/// [`BrokerError::Gap`] for a reader that claims an offset in it.
+pub(crate) fn no_log(channel: &str, after: Offset, asked: Option<&str>) -> Result<Batch> {
+    check_resume(channel, after, asked, "", 1, 0)?;
+    Ok(Batch {
+        epoch: String::new(),
+        messages: Vec::new(),
+        last: 0,
+    })
+}
+
 /// An ordered, retained log per channel.
 #[async_trait]
 pub trait Broker: Send + Sync + fmt::Debug {

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 
 use crate::broker::{
     Batch, Broker, BrokerConfig, Message, Offset, Published, Result, check_channel, check_resume,
-    new_epoch,
+    new_epoch, no_log,
 };
 
 #[derive(Debug)]
@@ -98,12 +98,7 @@ impl Broker for MemoryBroker {
         check_channel(channel)?;
         let mut logs = self.logs();
         let Some(log) = logs.get_mut(channel) else {
-            check_resume(channel, after, epoch, "", 1, 0)?;
-            return Ok(Batch {
-                epoch: String::new(),
-                messages: Vec::new(),
-                last: 0,
-            });
+            return no_log(channel, after, epoch);
         };
         log.trim(&self.config, Instant::now());
         let oldest = log.messages.front().map_or(log.last + 1, |(o, _, _)| *o);

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 
 use crate::broker::{
     Batch, Broker, BrokerConfig, BrokerError, Message, Offset, Published, Result, check_channel,
-    check_resume, new_epoch,
+    check_resume, new_epoch, no_log,
 };
 
 const POLL: Duration = Duration::from_millis(10);
@@ -190,13 +190,7 @@ impl Broker for SqliteBroker {
             .await
             .map_err(|e| self.error(e))?;
         let Some(row) = row else {
-            // No log yet: its epoch is chosen by the first publish.
-            check_resume(channel, after, epoch, "", 1, 0)?;
-            return Ok(Batch {
-                epoch: String::new(),
-                messages: Vec::new(),
-                last: 0,
-            });
+            return no_log(channel, after, epoch);
         };
         let log_epoch: String = row.get(0);
         let last = row.get::<i64, _>(1) as Offset;
