@@ -117,6 +117,10 @@ where
     let batch = b.read("c", 6, Some(&epoch), 100).await.unwrap();
     assert!(batch.messages.is_empty(), "up to date");
     assert_eq!(batch.last, 6);
+    // Limit 0 is how the hub reads a channel's tail: no messages, the end.
+    let tail = b.read("c", 0, None, 0).await.unwrap();
+    assert!(tail.messages.is_empty(), "limit 0 reads no message");
+    assert_eq!((tail.last, tail.epoch.as_str()), (6, epoch.as_str()));
 }
 
 pub async fn new_channels_are_empty<F, Fut>(open: F)

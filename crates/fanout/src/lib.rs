@@ -27,10 +27,16 @@
 //! ```
 
 mod broker;
+#[cfg(feature = "client")]
+pub mod client;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "hub")]
+pub mod hub;
 #[cfg(feature = "memory")]
 mod memory;
+#[cfg(any(feature = "hub", feature = "client"))]
+pub mod protocol;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "sqlite")]
