@@ -30,7 +30,9 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::protocol::{ClientFrame, ServerFrame, close, decode_server_frame, message_payload};
+use crate::protocol::{
+    ClientFrame, ServerFrame, close, decode_server_frame, encode_client_frame, message_payload,
+};
 use crate::{Message, Offset};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -373,14 +375,13 @@ impl Client {
             self.next_url = (self.next_url + 1) % self.config.urls.len();
             match self.open(&url).await {
                 Ok(socket) => {
+                    // Assigned only once hello and every subscription are
+                    // sent, so a `next` cancelled mid-connect (it sits in a
+                    // select) never leaves a connection without them.
                     self.socket = Some(socket);
                     self.url = url;
                     self.failures = 0;
                     self.connects += 1;
-                    let channels: Vec<String> = self.channels.keys().cloned().collect();
-                    for channel in channels {
-                        self.send_sub(&channel).await;
-                    }
                     return Ok(());
                 }
                 Err(e) => {
@@ -391,6 +392,7 @@ impl Client {
         }
     }
 
+    /// Connects to `url` and sends `hello` and every subscription.
     async fn open(&self, url: &str) -> Result<Socket, String> {
         let connect = tokio_tungstenite::connect_async(url);
         let (mut socket, _) = tokio::time::timeout(self.config.connect_timeout, connect)
@@ -400,20 +402,23 @@ impl Client {
         let hello = ClientFrame::Hello {
             token: self.config.token.clone(),
         };
-        socket
-            .send(WsMessage::text(
-                serde_json::to_string(&hello).expect("frames serialize"),
-            ))
-            .await
-            .map_err(|e| e.to_string())?;
+        let frames =
+            std::iter::once(hello).chain(self.channels.keys().filter_map(|c| self.sub_frame(c)));
+        for frame in frames {
+            socket
+                .feed(WsMessage::text(encode_client_frame(&frame)))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        socket.flush().await.map_err(|e| e.to_string())?;
         Ok(socket)
     }
 
-    async fn send_sub(&mut self, channel: &str) {
-        let Some(position) = self.channels.get(channel) else {
-            return;
-        };
-        let frame = if position.anchored {
+    /// `sub` from this client's position on `channel`: a resume when it
+    /// has one, from now otherwise.
+    fn sub_frame(&self, channel: &str) -> Option<ClientFrame> {
+        let position = self.channels.get(channel)?;
+        Some(if position.anchored {
             ClientFrame::Sub {
                 ch: channel.into(),
                 after: Some(position.last),
@@ -425,16 +430,22 @@ impl Client {
                 after: None,
                 epoch: None,
             }
-        };
-        self.send(&frame).await;
+        })
+    }
+
+    async fn send_sub(&mut self, channel: &str) {
+        if let Some(frame) = self.sub_frame(channel) {
+            self.send(&frame).await;
+        }
     }
 
     /// Sends if connected; a failure shows up as a disconnect on the next
     /// read, and the reconnect re-sends every subscription.
     async fn send(&mut self, frame: &ClientFrame) {
         if let Some(socket) = self.socket.as_mut() {
-            let text = serde_json::to_string(frame).expect("frames serialize");
-            let _ = socket.send(WsMessage::text(text)).await;
+            let _ = socket
+                .send(WsMessage::text(encode_client_frame(frame)))
+                .await;
         }
     }
 }

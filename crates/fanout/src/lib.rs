@@ -14,7 +14,10 @@
 //! Backends, one conformance suite ([`conformance`], feature
 //! `conformance`): memory (one process; the baseline), SQLite (the
 //! embedded default, shared by processes on one host) and Redis Streams
-//! (standalone or Cluster). NATS JetStream follows, behind the same trait.
+//! (standalone or Cluster), NATS JetStream (a stream per channel).
+//!
+//! On top: the WebSocket [`hub`] for axum apps and the [`client`] that
+//! reconnects and resumes, speaking [`protocol`].
 //!
 //! ```
 //! # async fn demo() -> Result<(), statehouse_fanout::BrokerError> {
@@ -35,7 +38,9 @@ pub mod conformance;
 pub mod hub;
 #[cfg(feature = "memory")]
 mod memory;
-#[cfg(any(feature = "hub", feature = "client"))]
+#[cfg(feature = "nats")]
+mod nats;
+#[cfg(feature = "protocol")]
 pub mod protocol;
 #[cfg(feature = "redis")]
 mod redis;
@@ -50,7 +55,8 @@ pub use broker::{
 use std::sync::Arc;
 
 /// Opens the broker `config.url` names: `memory://`, `sqlite://PATH`,
-/// `redis://HOST:PORT` or `redis+cluster://HOST:PORT,...`.
+/// `redis://HOST:PORT`, `redis+cluster://HOST:PORT,...` or `nats://HOST:PORT`
+/// (JetStream).
 pub async fn open(config: BrokerConfig) -> Result<Arc<dyn Broker>> {
     let scheme = config.url.split_once(':').map_or("", |(s, _)| s);
     match scheme {
@@ -62,15 +68,17 @@ pub async fn open(config: BrokerConfig) -> Result<Arc<dyn Broker>> {
         "redis" | "rediss" | "redis+cluster" => {
             Ok(Arc::new(redis::RedisBroker::open(config).await?))
         }
+        #[cfg(feature = "nats")]
+        "nats" | "tls" => Ok(Arc::new(nats::NatsBroker::open(config).await?)),
         #[allow(unreachable_patterns)]
-        "memory" | "sqlite" | "redis" | "rediss" | "redis+cluster" => {
+        "memory" | "sqlite" | "redis" | "rediss" | "redis+cluster" | "nats" | "tls" => {
             Err(BrokerError::Config(format!(
                 "broker URL {:?}: the {scheme} backend is not compiled in",
                 config.url
             )))
         }
         _ => Err(BrokerError::Config(format!(
-            "broker URL {:?}: unknown scheme {scheme:?}; expected memory://, sqlite://PATH, redis://HOST:PORT or redis+cluster://HOST:PORT,...",
+            "broker URL {:?}: unknown scheme {scheme:?}; expected memory://, sqlite://PATH, redis://HOST:PORT, redis+cluster://HOST:PORT,... or nats://HOST:PORT",
             config.url
         ))),
     }

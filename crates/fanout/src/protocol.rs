@@ -132,6 +132,11 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     Ok(frame)
 }
 
+/// A client frame's JSON text.
+pub fn encode_client_frame(frame: &ClientFrame) -> String {
+    serde_json::to_string(frame).expect("client frames always serialize")
+}
+
 /// A frame the server sends, as the client reads it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "t", rename_all = "lowercase")]

@@ -683,6 +683,12 @@ async fn kill_one_of_three_hubs_redis() {
     kill_one_of_three(&redis.url()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_one_of_three_hubs_nats() {
+    let nats = statehouse_testkit::Nats::start().unwrap();
+    kill_one_of_three(&nats.url()).await;
+}
+
 /// Presence lives in the store: a member shows on every instance, and a
 /// killed instance's members disappear within the TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -746,11 +752,21 @@ async fn presence_outlives_no_dead_instance() {
 /// connected or come back, and afterwards they have every acknowledged
 /// message exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_outage_loses_no_acknowledged_message() {
+async fn broker_outage_loses_no_acknowledged_message_redis() {
     let redis = RedisServer::start().unwrap();
     let proxy = FaultProxy::start(redis.addr()).await.unwrap();
-    let via_proxy = format!("redis://{}", proxy.addr());
-    let broker = open(BrokerConfig::new(&via_proxy)).await.unwrap();
+    broker_outage(&proxy, &format!("redis://{}", proxy.addr())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_loses_no_acknowledged_message_nats() {
+    let nats = statehouse_testkit::Nats::start().unwrap();
+    let proxy = FaultProxy::start(nats.addr()).await.unwrap();
+    broker_outage(&proxy, &format!("nats://{}", proxy.addr())).await;
+}
+
+async fn broker_outage(proxy: &FaultProxy, via_proxy: &str) {
+    let broker = open(BrokerConfig::new(via_proxy)).await.unwrap();
     let (a, _ta) = serve(Hub::new(broker.clone(), auth(), HubConfig::new("a"), None)).await;
     let (b, _tb) = serve(Hub::new(broker.clone(), auth(), HubConfig::new("b"), None)).await;
     let mut clients = Vec::new();
