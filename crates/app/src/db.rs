@@ -301,6 +301,31 @@ impl Db {
         row.as_ref().map(order_from_row).transpose()
     }
 
+    /// Orders whose current status has not been published yet, oldest
+    /// first (the outbox of live order status).
+    pub async fn unannounced_orders(&self, limit: i64) -> Result<Vec<Order>, AppError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE status <> announced ORDER BY id LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(order_from_row).collect()
+    }
+
+    /// Records that `status` of order `id` was published (a no-op if the
+    /// status moved on meanwhile: that one is still to publish).
+    pub async fn mark_announced(&self, id: i64, status: &str) -> Result<(), AppError> {
+        sqlx::query("UPDATE orders SET announced = $2 WHERE id = $1 AND status = $2")
+            .bind(id)
+            .bind(status)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Marks a leased order fulfilled; false if it was not `processing` by
     /// this worker any more (its lease expired and someone else has it).
     pub async fn fulfil_order(&self, id: i64, worker: &str) -> Result<bool, AppError> {

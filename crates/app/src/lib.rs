@@ -18,6 +18,7 @@ pub mod arch;
 pub mod db;
 mod error;
 pub mod identity;
+pub mod live;
 pub mod objects;
 pub mod shop;
 mod stats;

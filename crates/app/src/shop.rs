@@ -12,6 +12,8 @@
 //! | `PUT /api/cart/{item}` `{"qty": n}` | one cart line (0 removes it) |
 //! | `POST /api/checkout` + `Idempotency-Key` | a durable order, once per key |
 //! | `GET /api/orders` | the user's orders and their status |
+//! | `GET /api/live` | a live token for the user's order channel (with `--broker`) |
+//! | `GET /ws` | the WebSocket hub: order status live, resumable on any instance ([`crate::live`]) |
 //! | `PUT /api/avatar`, `GET /api/avatar` | the user's picture, in the object store |
 //!
 //! Every response carries `X-Served-By`. A state-changing request must come
@@ -41,6 +43,7 @@ use crate::arch::Arch;
 use crate::db::{Db, Placed, User};
 use crate::error::AppError;
 use crate::identity::{self, TokenKeys, Tokens, Visitor};
+use crate::live::Live;
 use crate::objects::{self, Objects};
 use crate::stats::{self, Served, Stats};
 
@@ -69,6 +72,30 @@ pub struct ServeConfig {
     /// How long `/readyz` says 503 before the listener closes on shutdown,
     /// so a balancer stops sending first.
     pub drain_delay: Duration,
+    /// The fan-out broker (`sqlite://…`, `redis://…`, `nats://…`): live
+    /// order status over the WebSocket hub at `/ws`. `None`: no live
+    /// updates (the page polls).
+    pub broker: Option<String>,
+    /// Signs and checks live tokens; every instance must share it.
+    /// Required with `broker`.
+    pub live_keys: Option<statehouse_token::KeyRing>,
+}
+
+/// Turns an instance to draining: `/readyz` answers 503 and the hub tells
+/// its WebSocket clients to reconnect elsewhere.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    flag: Arc<AtomicBool>,
+    hub: Option<statehouse_fanout::hub::Hub>,
+}
+
+impl Drain {
+    pub fn start(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Some(hub) = &self.hub {
+            hub.drain();
+        }
+    }
 }
 
 /// A product the shop sells.
@@ -122,6 +149,7 @@ struct Shop {
     draining: Arc<AtomicBool>,
     stats: Arc<Stats>,
     admin_token: Option<Arc<str>>,
+    live: Option<Live>,
 }
 
 /// A JSON body that fails with the shop's error shape (400/413/415), not
@@ -146,8 +174,8 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
 }
 
 /// Builds the shop for `config`: opens the stores, applies migrations.
-/// Returns the router and the flag that turns `/readyz` to 503.
-pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppError> {
+/// Returns the router and the switch that starts draining it.
+pub async fn app(config: &ServeConfig) -> Result<(Router, Drain), AppError> {
     let scheme = config.session_store.split(':').next().unwrap_or_default();
     if !config.arch.session_schemes().contains(&scheme) {
         return Err(AppError::BadRequest(format!(
@@ -183,7 +211,26 @@ pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppE
         }
         _ => None,
     };
+    let live = match (&config.broker, &config.live_keys) {
+        (None, _) => None,
+        (Some(url), Some(keys)) => {
+            let broker = statehouse_fanout::open(statehouse_fanout::BrokerConfig::new(url))
+                .await
+                .map_err(|e| AppError::Unavailable(format!("fan-out broker: {e}")))?;
+            Some(Live::new(broker, keys.clone(), &config.name)?)
+        }
+        (Some(_), None) => {
+            return Err(AppError::BadRequest(
+                "live order status (--broker) needs STATEHOUSE_TOKEN_KEYS to sign live tokens"
+                    .into(),
+            ));
+        }
+    };
     let draining = Arc::new(AtomicBool::new(false));
+    let drain = Drain {
+        flag: draining.clone(),
+        hub: live.as_ref().map(|l| l.hub().clone()),
+    };
     let shop = Shop {
         name: config.name.as_str().into(),
         served_by: HeaderValue::from_str(&config.name).map_err(|_| {
@@ -197,6 +244,7 @@ pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppE
         draining: draining.clone(),
         stats: Arc::default(),
         admin_token: config.admin_token.as_deref().map(Arc::from),
+        live: live.clone(),
     };
     let api = Router::new()
         .route("/catalog", get(catalog))
@@ -207,6 +255,7 @@ pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppE
         .route("/cart/{item}", put(set_cart_line))
         .route("/checkout", post(checkout))
         .route("/orders", get(orders))
+        .route("/live", get(live_token))
         .route(
             "/avatar",
             put(put_avatar)
@@ -224,7 +273,12 @@ pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppE
         )),
         None => api.layer(SessionLayer::new(store, session_config)),
     };
+    let hub = match &live {
+        Some(live) => live.hub().router("/ws"),
+        None => Router::new(),
+    };
     let router = Router::new()
+        .merge(hub)
         .route(
             "/",
             get(|| async { Html(include_str!("../assets/shop.html")) }),
@@ -236,7 +290,7 @@ pub async fn app(config: &ServeConfig) -> Result<(Router, Arc<AtomicBool>), AppE
         .fallback(|| async { AppError::NotFound("no such page".into()) })
         .layer(middleware::from_fn_with_state(shop.clone(), served_by))
         .with_state(shop);
-    Ok((router, draining))
+    Ok((router, drain))
 }
 
 /// Runs one instance on `listener` until `shutdown` resolves; then `/readyz`
@@ -247,7 +301,7 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
-    let (router, draining) = app(&config).await?;
+    let (router, drain) = app(&config).await?;
     let delay = config.drain_delay;
     tracing::info!(
         instance = config.name,
@@ -258,12 +312,27 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown.await;
-            draining.store(true, Ordering::SeqCst);
+            drain.start();
             tracing::info!("draining: not ready, finishing requests in flight");
             tokio::time::sleep(delay).await;
         })
         .await
         .map_err(|e| AppError::internal("serving", e))
+}
+
+/// `GET /api/live`: a short-lived token for the caller's live order
+/// channel, to send in the WebSocket `hello` at `/ws`.
+async fn live_token(State(shop): State<Shop>, visitor: Visitor) -> Result<Response, AppError> {
+    let user = visitor.user().await?.ok_or(AppError::Unauthorized)?;
+    let live = shop
+        .live
+        .as_ref()
+        .ok_or_else(|| AppError::NotFound("live order status is off on this shop".into()))?;
+    let body = json!({
+        "token": live.token(user.id)?,
+        "channel": crate::live::channel(user.id),
+    });
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response())
 }
 
 /// Names the instance in every response, carries the balancer's request id

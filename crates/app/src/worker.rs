@@ -23,6 +23,9 @@ pub struct WorkerConfig {
     pub poll: Duration,
     /// Simulated work per order (packing, payment capture...).
     pub work: Duration,
+    /// The fan-out broker order status is published to (see
+    /// [`crate::live`]); `None`: not published.
+    pub broker: Option<String>,
 }
 
 impl WorkerConfig {
@@ -33,6 +36,7 @@ impl WorkerConfig {
             lease: Duration::from_secs(10),
             poll: Duration::from_millis(200),
             work: Duration::from_millis(300),
+            broker: None,
         }
     }
 }
@@ -41,9 +45,11 @@ impl WorkerConfig {
 /// finished first.
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
     let db = Db::open(&config.database).await?;
+    let mut live = Announcer::new(config.broker.clone());
     tracing::info!(worker = config.name, "worker processing orders");
     tokio::pin!(shutdown);
     loop {
+        live.announce(&db).await;
         let claimed = tokio::select! {
             () = &mut shutdown => break,
             claimed = db.claim_order(&config.name, config.lease) => claimed,
@@ -55,6 +61,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
                     attempt = order.attempts,
                     "processing order"
                 );
+                live.announce(&db).await;
                 tokio::time::sleep(config.work).await;
                 match db.fulfil_order(order.id, &config.name).await {
                     Ok(true) => tracing::info!(order = order.id, "order fulfilled"),
@@ -81,4 +88,36 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
     }
     tracing::info!(worker = config.name, "worker stopped");
     Ok(())
+}
+
+/// Publishes order status changes, opening the broker when it can (a
+/// broker that is down at start, or later, only delays the messages: the
+/// orders table remembers what is still to publish).
+struct Announcer {
+    url: Option<String>,
+    broker: Option<std::sync::Arc<dyn statehouse_fanout::Broker>>,
+}
+
+impl Announcer {
+    fn new(url: Option<String>) -> Self {
+        Announcer { url, broker: None }
+    }
+
+    async fn announce(&mut self, db: &Db) {
+        let Some(url) = &self.url else { return };
+        if self.broker.is_none() {
+            match statehouse_fanout::open(statehouse_fanout::BrokerConfig::new(url)).await {
+                Ok(broker) => self.broker = Some(broker),
+                Err(e) => {
+                    tracing::warn!("fan-out broker unavailable: {e}; order status will follow");
+                    return;
+                }
+            }
+        }
+        if let Some(broker) = &self.broker
+            && let Err(e) = crate::live::announce(db, broker.as_ref()).await
+        {
+            tracing::warn!("cannot publish order status yet: {e}");
+        }
+    }
 }

@@ -29,7 +29,7 @@ enum Command {
     /// shop's and the dashboard's URLs; Ctrl-C stops every child.
     Up {
         /// A TOML file with any of: instances, arch, port, dashboard_port,
-        /// dir, session_store, database, objects. Flags override it.
+        /// dir, session_store, database, objects, broker. Flags override it.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// How many shop instances.
@@ -59,6 +59,11 @@ enum Command {
         /// (credentials from the AWS_* environment variables).
         #[arg(long)]
         objects: Option<String>,
+        /// Fan-out broker for live order status (redis://, redis+cluster://,
+        /// nats://, sqlite://); by default the session store's Redis under
+        /// shared-redis*, else an SQLite file in --dir.
+        #[arg(long)]
+        broker: Option<String>,
     },
     /// Run one shop instance (what `up` starts N of).
     ///
@@ -98,6 +103,12 @@ enum Command {
         /// closes (requests in flight always finish).
         #[arg(long, value_parser = parse_duration, default_value = "2s")]
         drain_delay: Duration,
+        /// Fan-out broker for live order status over the WebSocket hub at
+        /// /ws (sqlite://PATH, redis://..., redis+cluster://..., nats://...).
+        /// Live tokens are signed with STATEHOUSE_TOKEN_KEYS. Without it the
+        /// page polls.
+        #[arg(long, env = "STATEHOUSE_BROKER")]
+        broker: Option<String>,
     },
     /// Run the order worker: takes placed orders from the database's queue.
     Worker {
@@ -113,6 +124,10 @@ enum Command {
         /// Simulated work per order.
         #[arg(long, value_parser = parse_duration, default_value = "300ms")]
         work: Duration,
+        /// Fan-out broker every order status change is published to (the
+        /// instances' --broker).
+        #[arg(long, env = "STATEHOUSE_BROKER")]
+        broker: Option<String>,
     },
     /// Run the HTTP load balancer in front of N instances.
     ///
@@ -171,6 +186,7 @@ fn main() -> ExitCode {
             session_store,
             database,
             objects,
+            broker,
         } => {
             let mut up = match config {
                 Some(path) => match statehouse_app::up::UpConfig::from_file(&path) {
@@ -190,6 +206,7 @@ fn main() -> ExitCode {
             up.session_store = session_store.or(up.session_store);
             up.database = database.or(up.database);
             up.objects = objects.or(up.objects);
+            up.broker = broker.or(up.broker);
             runtime
                 .block_on(statehouse_app::up::run(
                     up,
@@ -208,6 +225,7 @@ fn main() -> ExitCode {
             session_keys_file,
             insecure_cookies,
             drain_delay,
+            broker,
         } => runtime.block_on(serve(
             statehouse_app::ServeConfig {
                 name,
@@ -237,6 +255,17 @@ fn main() -> ExitCode {
                     .filter(|t| !t.is_empty()),
                 insecure_cookies,
                 drain_delay,
+                live_keys: match &broker {
+                    None => None,
+                    Some(_) => match statehouse_app::live::keys_from_env() {
+                        Ok(ring) => Some(ring),
+                        Err(e) => {
+                            eprintln!("statehouse serve: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    },
+                },
+                broker,
             },
             listen,
         )),
@@ -245,11 +274,13 @@ fn main() -> ExitCode {
             database,
             lease,
             work,
+            broker,
         } => {
             statehouse_app::die_with_parent();
             let mut config = statehouse_app::worker::WorkerConfig::new(name, database);
             config.lease = lease;
             config.work = work;
+            config.broker = broker;
             runtime
                 .block_on(statehouse_app::worker::run(
                     config,

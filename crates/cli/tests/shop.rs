@@ -51,6 +51,7 @@ impl Tier {
             session_store: None,
             database: None,
             objects: None,
+            broker: None,
             exe: Some(env!("CARGO_BIN_EXE_statehouse").into()),
         };
         adjust(&mut config);

@@ -1,7 +1,9 @@
 //! The order queue is at-least-once across a worker's death: a worker
 //! process killed with -9 while it holds an order leaves a lease that
 //! expires, another worker process takes the order, and every order ends
-//! fulfilled exactly once — on SQLite and on Postgres.
+//! fulfilled exactly once — on SQLite and on Postgres. And every order's
+//! status changes reach its live channel, ending with `fulfilled`, the
+//! killed worker notwithstanding (the orders table is the outbox).
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -15,10 +17,11 @@ const ORDERS: usize = 8;
 struct Worker(Child);
 
 impl Worker {
-    fn start(name: &str, database: &str) -> Worker {
+    fn start(name: &str, database: &str, broker: &str) -> Worker {
         Worker(
             Command::new(env!("CARGO_BIN_EXE_statehouse"))
                 .args(["worker", "--name", name, "--database", database])
+                .args(["--broker", broker])
                 .args(["--lease", "2s", "--work", "400ms"])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
@@ -48,6 +51,8 @@ where
 }
 
 async fn killed_worker_loses_no_order(database: String) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker_url = format!("sqlite://{}", dir.path().join("fanout.db").display());
     let db = Db::open(&database).await.unwrap();
     let user = db
         .create_user("buyer@shop.example", "not-a-real-hash")
@@ -59,7 +64,7 @@ async fn killed_worker_loses_no_order(database: String) {
             .await
             .unwrap();
     }
-    let mut a = Worker::start("worker-a", &database);
+    let mut a = Worker::start("worker-a", &database, &broker_url);
     // worker-a holds an order: kill it there.
     wait_until(
         "worker-a takes an order",
@@ -84,7 +89,7 @@ async fn killed_worker_loses_no_order(database: String) {
         .expect("the killed worker's order is still leased to it");
     assert_eq!(orphan.processed_by, "worker-a");
 
-    let _b = Worker::start("worker-b", &database);
+    let _b = Worker::start("worker-b", &database, &broker_url);
     wait_until("every order fulfilled", Duration::from_secs(60), || async {
         db.orders(user.id)
             .await
@@ -101,6 +106,48 @@ async fn killed_worker_loses_no_order(database: String) {
         "taken again after the lease ran out"
     );
     assert!(retaken.attempts >= 2, "{retaken:?}");
+
+    // Live status: each order's messages run placed → processing… →
+    // fulfilled, and none is missing its last.
+    let broker = statehouse_fanout::open(statehouse_fanout::BrokerConfig::new(&broker_url))
+        .await
+        .unwrap();
+    let channel = statehouse_app::live::channel(user.id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let statuses = loop {
+        let mut statuses: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+        let log = broker.read(&channel, 0, None, 1000).await.unwrap();
+        for m in &log.messages {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            statuses
+                .entry(v["order"].as_i64().unwrap())
+                .or_default()
+                .push(v["status"].as_str().unwrap().to_owned());
+        }
+        let done = statuses.len() == ORDERS
+            && statuses
+                .values()
+                .all(|s| s.last().map(String::as_str) == Some("fulfilled"));
+        if done {
+            break statuses;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every fulfilment was published: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for (order, seen) in &statuses {
+        let rank = |s: &str| {
+            ["placed", "processing", "fulfilled"]
+                .iter()
+                .position(|x| *x == s)
+        };
+        assert!(
+            seen.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])),
+            "order {order}: statuses out of order: {seen:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,10 @@ pub struct UpConfig {
     pub database: Option<String>,
     /// Object store directory; by default `dir/objects`.
     pub objects: Option<String>,
+    /// Fan-out broker for live order status; by default the session
+    /// store's Redis under shared-redis and shared-redis-cluster, else an
+    /// SQLite file in `dir` (shared by the processes on this host).
+    pub broker: Option<String>,
     /// The `statehouse` binary to start children from; by default this one.
     #[serde(skip)]
     pub exe: Option<PathBuf>,
@@ -78,6 +82,7 @@ impl Default for UpConfig {
             session_store: None,
             database: None,
             objects: None,
+            broker: None,
             exe: None,
         }
     }
@@ -102,6 +107,7 @@ struct Plan {
     session_store: String,
     database: String,
     objects: String,
+    broker: String,
     logs: PathBuf,
     /// Keys for the children's environment.
     secrets: Vec<(String, String)>,
@@ -133,6 +139,11 @@ impl Plan {
             (None, Arch::SharedPostgres) => session_store.clone(),
             (None, _) => sqlite("shop.db"),
         };
+        let broker = match (&config.broker, config.arch) {
+            (Some(url), _) => url.clone(),
+            (None, Arch::SharedRedis | Arch::SharedRedisCluster) => session_store.clone(),
+            (None, _) => sqlite("fanout.db"),
+        };
         let objects = config
             .objects
             .clone()
@@ -148,6 +159,7 @@ impl Plan {
             session_store,
             database,
             objects,
+            broker,
             logs: dir.join("logs"),
             secrets: secrets_env(&dir)?,
         })
@@ -283,6 +295,7 @@ impl Tier {
             }
         }
         cmd.args(["--database", &plan.database])
+            .args(["--broker", &plan.broker])
             .envs(plan.secrets.iter().map(|(k, v)| (k, v)))
             .env("STATEHOUSE_PARENT_PID", std::process::id().to_string())
             .env(
@@ -562,7 +575,7 @@ pub async fn run(
     let plan = Plan::resolve(&config)?;
     let say = |msg: &str| println!("statehouse up: {msg}");
     say(&format!(
-        "architecture {}; {} in {}; orders in {}; files in {}",
+        "architecture {}; {} in {}; orders in {}; files in {}; live order status via {}",
         plan.arch,
         match plan.arch {
             Arch::Token => "refresh tokens",
@@ -571,7 +584,8 @@ pub async fn run(
         crate::db::redact(&plan.session_store),
         crate::db::redact(&plan.database),
         // The query may carry S3 credentials.
-        plan.objects.split('?').next().unwrap_or_default()
+        plan.objects.split('?').next().unwrap_or_default(),
+        crate::db::redact(&plan.broker)
     ));
     // The schema once, before the instances race for it.
     crate::db::Db::open(&plan.database).await?;

@@ -22,5 +22,7 @@ pub(crate) fn config(dir: &Path, name: &str) -> ServeConfig {
         admin_token: Some("dash".into()),
         insecure_cookies: true,
         drain_delay: Duration::ZERO,
+        broker: None,
+        live_keys: None,
     }
 }

@@ -1,5 +1,7 @@
 // The shop in a real browser: log in, fill the cart, kill -9 the instance
-// that served us from the dashboard, reload, and find the cart intact.
+// that served us from the dashboard, reload, and find the cart intact; then
+// kill the instance relaying the page's live WebSocket, check out, and see
+// the order's status arrive live through another instance.
 // Usage: node shop.mjs SHOP_URL DASHBOARD_URL SCREENSHOT_DIR
 // Exit 0 on success; on failure, print why, take a screenshot, exit 1.
 import { chromium } from "playwright-core";
@@ -66,6 +68,41 @@ try {
   say(`after the kill: cart ${JSON.stringify(after)}, served by ${servedAfter}`);
   if (JSON.stringify(after) !== JSON.stringify(before)) throw new Error(`cart changed: ${JSON.stringify(after)}`);
   if (servedAfter === servedBy) throw new Error(`still served by the killed ${servedBy}`);
+
+  step = "live connection";
+  await shop.waitForFunction(() => document.querySelector("#live").textContent.startsWith("live via "), null, { timeout: 15000 });
+  const liveVia = (await shop.textContent("#live")).replace("live via ", "").trim();
+  say(`live updates relayed by ${liveVia}`);
+
+  step = `kill ${liveVia}, the instance relaying the live socket`;
+  await dash.bringToFront();
+  await dash.locator("#rows tr", { hasText: liveVia }).first().locator("button.kill").click();
+  await dash.waitForFunction(
+    (name) => [...document.querySelectorAll("#rows tr")].some((tr) => tr.cells[0].textContent === name && tr.textContent.includes("exited")),
+    liveVia,
+  );
+  await shop.bringToFront();
+  await shop.waitForFunction(
+    (dead) => { const t = document.querySelector("#live").textContent; return t.startsWith("live via ") && !t.endsWith(dead); },
+    liveVia,
+    { timeout: 15000 },
+  );
+  const liveAfter = (await shop.textContent("#live")).replace("live via ", "").trim();
+  say(`live socket back through ${liveAfter}`);
+
+  step = "check out and watch the status arrive live";
+  await shop.click("#checkout");
+  await shop.waitForSelector("#orders tr[id^=order-]");
+  const orderId = await shop.getAttribute("#orders tr[id^=order-]", "id");
+  await shop.waitForFunction(
+    (id) => document.querySelector(`#${id} .status`)?.textContent === "fulfilled",
+    orderId,
+    { timeout: 20000 },
+  );
+  const liveLines = (await shop.locator("#log div").allInnerTexts()).filter((t) => t.includes(`live: order #${orderId.replace("order-", "")}`));
+  await shop.screenshot({ path: `${outDir}/4-order-status-live.png`, fullPage: true });
+  say(`order ${orderId} fulfilled, pushed live: ${JSON.stringify(liveLines)}`);
+  if (!liveLines.some((l) => l.includes("fulfilled"))) throw new Error("the fulfilled status did not come over the live socket");
   say("ok");
   await browser.close();
 } catch (e) {
