@@ -9,24 +9,37 @@
 //! idle past twice its retention both keys expire together, and the next
 //! publish starts a new epoch — readers of the old one get a `Gap`).
 //!
-//! `wait` polls `last` every 10 ms on the shared multiplexed connection (a
-//! blocking `XREAD` would stall every other call on it); the WebSocket hub
-//! will wake its subscribers from one reader per instance instead.
+//! Wake-ups: publish also `PUBLISH`es the new offset on the channel's wake
+//! channel, and each broker keeps one Pub/Sub connection `PSUBSCRIBE`d to
+//! its prefix's wake channels (in a Cluster, to one node: classic Pub/Sub
+//! reaches every node). `wait` checks `last`, then sleeps until a wake-up —
+//! sub-millisecond after the publish. Pub/Sub is fire-and-forget, so the
+//! wake-up only shortens the wait: a lost one costs at most the 1 s safety
+//! poll, and while the Pub/Sub connection is down `wait` polls every 10 ms.
+//! (A blocking `XREAD` would stall every other call on the shared
+//! multiplexed connection, and would need a connection per channel.)
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use redis::{RedisError, Script, Value};
 use statehouse_store::redis::{RedisConnection, connect};
+use tokio::sync::Notify;
 
 use crate::broker::{
     Batch, Broker, BrokerConfig, BrokerError, Message, Offset, Published, Result, check_channel,
     check_resume, new_epoch,
 };
 
+/// How often `wait` looks while no wake-up can come (Pub/Sub down).
 const POLL: Duration = Duration::from_millis(10);
+/// How often `wait` looks anyway, in case a wake-up was lost.
+const SAFETY_POLL: Duration = Duration::from_secs(1);
 
 static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -44,15 +57,20 @@ if n > keep then
   redis.call('XTRIM', KEYS[1], 'MINID', (n - keep + 1) .. '-0')
 end
 local cutoff = now - tonumber(ARGV[5])
-local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 100)
-local drop = nil
-for _, e in ipairs(head) do
-  if tonumber(e[2][4]) < cutoff then drop = tonumber(string.match(e[1], '^(%d+)')) else break end
+-- The oldest entry first: only when it has expired is a page worth reading.
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+if first and tonumber(first[2][4]) < cutoff then
+  local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 100)
+  local drop = nil
+  for _, e in ipairs(head) do
+    if tonumber(e[2][4]) < cutoff then drop = tonumber(string.match(e[1], '^(%d+)')) else break end
+  end
+  if drop then redis.call('XTRIM', KEYS[1], 'MINID', (drop + 1) .. '-0') end
 end
-if drop then redis.call('XTRIM', KEYS[1], 'MINID', (drop + 1) .. '-0') end
 local ttl = tonumber(ARGV[5]) * 2 + 60000
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('PUBLISH', ARGV[6], n)
 return {n, epoch}
 ",
     )
@@ -71,7 +89,13 @@ local limit = tonumber(ARGV[2])
 local cutoff = tonumber(ARGV[3]) - tonumber(ARGV[4])
 local oldest = last + 1
 local start = '-'
-while true do
+-- The common case in one entry: the oldest kept entry has not expired.
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+if first and tonumber(first[2][4]) >= cutoff then
+  oldest = tonumber(string.match(first[1], '^(%d+)'))
+  start = nil
+end
+while start do
   local page = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 100)
   if #page == 0 then break end
   local found = false
@@ -104,6 +128,139 @@ pub(crate) struct RedisBroker {
     config: BrokerConfig,
     conn: RedisConnection,
     name: String,
+    wakers: Arc<Wakers>,
+    waker_task: tokio::task::AbortHandle,
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        self.waker_task.abort();
+    }
+}
+
+/// The waiters of this broker, by channel, woken from the Pub/Sub
+/// connection.
+#[derive(Debug, Default)]
+struct Wakers {
+    /// Whether the Pub/Sub connection is subscribed (wake-ups can come).
+    alive: AtomicBool,
+    waiting: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl Wakers {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake(&self, channel: &str) {
+        if let Some(notify) = self.waiting().get(channel) {
+            notify.notify_waiters();
+        }
+    }
+
+    fn wake_all(&self) {
+        for notify in self.waiting().values() {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// One waiter's hold on its channel's `Notify`; the entry goes when the
+/// last waiter does (cancelled or not).
+struct Waiting<'a> {
+    wakers: &'a Wakers,
+    channel: &'a str,
+    notify: Arc<Notify>,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(wakers: &'a Wakers, channel: &'a str) -> Self {
+        let notify = wakers
+            .waiting()
+            .entry(channel.to_owned())
+            .or_default()
+            .clone();
+        Waiting {
+            wakers,
+            channel,
+            notify,
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.wakers.waiting();
+        // Two references: the map's and ours.
+        if waiting
+            .get(self.channel)
+            .is_some_and(|n| Arc::strong_count(n) <= 2)
+        {
+            waiting.remove(self.channel);
+        }
+    }
+}
+
+/// The wake channel of a fan-out channel: `{prefix}fanout-wake:{channel}`.
+fn wake_channel(prefix: &str, channel: &str) -> String {
+    format!("{prefix}fanout-wake:{channel}")
+}
+
+/// The URL of one node to hold the Pub/Sub connection on.
+fn pubsub_url(url: &str) -> String {
+    let Some(rest) = url.strip_prefix("redis+cluster://") else {
+        return url.to_owned();
+    };
+    let (auth, hosts) = match rest.rfind('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let first = hosts.split([',', '/', '?']).next().unwrap_or_default();
+    format!("redis://{auth}{first}")
+}
+
+/// Escapes `*?[]\` for a Redis glob pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Holds the Pub/Sub connection: reconnects every second while it cannot,
+/// and on each (re)subscription wakes every waiter to look again.
+async fn run_wakers(url: String, prefix: String, wakers: std::sync::Weak<Wakers>) {
+    let start = wake_channel(&prefix, "");
+    let pattern = format!("{}*", glob_escape(&start));
+    loop {
+        let connected = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.psubscribe(&pattern).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        if let Ok(Ok(pubsub)) = tokio::time::timeout(Duration::from_secs(2), connected).await {
+            let Some(w) = wakers.upgrade() else { return };
+            w.alive.store(true, Ordering::SeqCst);
+            w.wake_all();
+            drop(w);
+            let mut messages = pubsub.into_on_message();
+            while let Some(message) = messages.next().await {
+                let Some(w) = wakers.upgrade() else { return };
+                if let Some(channel) = message.get_channel_name().strip_prefix(&start) {
+                    w.wake(channel);
+                }
+            }
+            let Some(w) = wakers.upgrade() else { return };
+            w.alive.store(false, Ordering::SeqCst);
+            tracing::warn!("fan-out wake-up connection lost; polling until it is back");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn now_ms() -> u64 {
@@ -123,7 +280,20 @@ impl RedisBroker {
             }
             _ => config.url.clone(),
         };
-        Ok(RedisBroker { config, conn, name })
+        let wakers = Arc::new(Wakers::default());
+        let waker_task = tokio::spawn(run_wakers(
+            pubsub_url(&config.url),
+            config.prefix.clone(),
+            Arc::downgrade(&wakers),
+        ))
+        .abort_handle();
+        Ok(RedisBroker {
+            config,
+            conn,
+            name,
+            wakers,
+            waker_task,
+        })
     }
 
     fn keys(&self, channel: &str) -> (String, String) {
@@ -193,6 +363,7 @@ impl Broker for RedisBroker {
             .arg(now_ms())
             .arg(retention.max_messages.max(1))
             .arg(retention.max_age.as_millis() as u64)
+            .arg(wake_channel(&self.config.prefix, channel))
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.error(&e))?;
@@ -233,7 +404,8 @@ impl Broker for RedisBroker {
         let oldest = as_u64(oldest).ok_or_else(|| self.corrupt("read: oldest"))?;
         check_resume(channel, after, epoch, &log_epoch, oldest, last)?;
         let mut messages = Vec::with_capacity(rest.len() / 2);
-        for pair in rest.chunks(2) {
+        // The script reads at least one entry; limit 0 asks for the tail only.
+        for pair in rest.chunks(2).take(limit) {
             let [offset, payload] = pair else {
                 return Err(self.corrupt("read: odd entry list"));
             };
@@ -258,7 +430,12 @@ impl Broker for RedisBroker {
         check_channel(channel)?;
         let (_, meta) = self.keys(channel);
         let deadline = tokio::time::Instant::now() + timeout;
+        let waiting = Waiting::new(&self.wakers, channel);
         loop {
+            // Registered before the look: a publish after it wakes us.
+            let woken = waiting.notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             let mut conn = self.conn.clone();
             let last: Option<u64> = redis::cmd("HGET")
                 .arg(&meta)
@@ -273,7 +450,33 @@ impl Broker for RedisBroker {
             if now >= deadline {
                 return Ok(());
             }
-            tokio::time::sleep(POLL.min(deadline - now)).await;
+            let poll = if self.wakers.alive.load(Ordering::SeqCst) {
+                SAFETY_POLL
+            } else {
+                POLL
+            };
+            tokio::select! {
+                () = woken => {}
+                () = tokio::time::sleep(poll.min(deadline - now)) => {}
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pubsub_goes_to_one_node() {
+        assert_eq!(pubsub_url("redis://h:1/0"), "redis://h:1/0");
+        assert_eq!(pubsub_url("redis+cluster://a:1,b:2"), "redis://a:1");
+        assert_eq!(pubsub_url("redis+cluster://u:p@a:1,b:2"), "redis://u:p@a:1");
+    }
+
+    #[test]
+    fn patterns_match_only_this_prefix() {
+        assert_eq!(glob_escape("t[1]*?"), "t\\[1\\]\\*\\?");
+        assert_eq!(wake_channel("p:", "orders.7"), "p:fanout-wake:orders.7");
     }
 }
