@@ -27,7 +27,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::protocol::{
@@ -394,7 +394,10 @@ impl Client {
 
     /// Connects to `url` and sends `hello` and every subscription.
     async fn open(&self, url: &str) -> Result<Socket, String> {
-        let connect = tokio_tungstenite::connect_async(url);
+        // tungstenite's default 128 KiB read buffer per client adds up in a
+        // load test of thousands; hub frames are small.
+        let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
+        let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
         let (mut socket, _) = tokio::time::timeout(self.config.connect_timeout, connect)
             .await
             .map_err(|_| "connect timed out".to_owned())?

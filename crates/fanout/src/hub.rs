@@ -13,6 +13,11 @@
 //! after it, so a subscription that joins while the pump runs, a resume, and
 //! a pump that restarted all come out gap-free and duplicate-free.
 //!
+//! Fan-out costs a write per connection, whatever the message size; so a
+//! pump offers no two batches closer than [`HubConfig::batch_interval`]: at
+//! high rates each connection gets several messages per write, at low rates
+//! nothing waits.
+//!
 //! A connection whose queue is full is cut (close 4408) with a resume hint
 //! rather than allowed to hold memory; it reconnects and resumes with nothing
 //! lost. On [`Hub::drain`] every client is told to reconnect elsewhere (close
@@ -160,11 +165,18 @@ pub struct HubConfig {
     /// Presence entries live this long without a heartbeat (sent every third
     /// of it). Default 15 s.
     pub presence_ttl: Duration,
+    /// The least time between two batches a channel's pump offers: at high
+    /// rates the messages that arrive meanwhile go out together, one write
+    /// per connection instead of one per message (the cost of fan-out is
+    /// per write, not per byte); at rates below one message per interval it
+    /// adds nothing. Default 10 ms; zero turns batching off.
+    pub batch_interval: Duration,
     /// A connection whose socket accepts nothing for this long is dropped
     /// (a peer that vanished without a FIN, or stopped reading). Default 10 s.
     pub write_timeout: Duration,
     /// The WebSocket read buffer per connection (tungstenite's default is
-    /// 128 KiB, which idle connections would hold). Default 4 KiB.
+    /// 128 KiB, which idle connections would hold); client frames are
+    /// small, and a larger one grows it. Default 512 bytes.
     pub read_buffer_bytes: usize,
 }
 
@@ -179,8 +191,9 @@ impl HubConfig {
             hello_timeout: Duration::from_secs(10),
             read_batch: 256,
             presence_ttl: Duration::from_secs(15),
+            batch_interval: Duration::from_millis(10),
             write_timeout: Duration::from_secs(10),
-            read_buffer_bytes: 4 * 1024,
+            read_buffer_bytes: 512,
         }
     }
 }
@@ -454,6 +467,7 @@ impl Hub {
                 subscribers.clone(),
                 tail,
                 self.inner.config.read_batch,
+                self.inner.config.batch_interval,
                 self.inner.slow_cut.clone(),
             ));
             ChannelEntry {
@@ -490,11 +504,15 @@ async fn pump(
     subscribers: Arc<Mutex<Vec<Subscriber>>>,
     (mut last, epoch): (Offset, String),
     batch: usize,
+    batch_interval: Duration,
     slow_cut: Arc<AtomicU64>,
 ) {
     let mut epoch: Arc<str> = epoch.into();
     let mut backoff = Duration::from_millis(50);
+    let mut offered = tokio::time::Instant::now() - batch_interval;
     loop {
+        // Batching: no two offers closer than `batch_interval`.
+        tokio::time::sleep_until(offered + batch_interval).await;
         let asked = (!epoch.is_empty()).then_some(&*epoch);
         match broker.read(&channel, last, asked, batch).await {
             Ok(read) if read.messages.is_empty() => {
@@ -509,6 +527,7 @@ async fn pump(
             }
             Ok(read) => {
                 backoff = Duration::from_millis(50);
+                offered = tokio::time::Instant::now();
                 for message in &read.messages {
                     if *epoch != *message.epoch {
                         epoch = message.epoch.as_str().into();
@@ -579,8 +598,8 @@ async fn upgrade(State(hub): State<Hub>, headers: HeaderMap, ws: WebSocketUpgrad
                 subs: HashMap::new(),
                 subject: Arc::from(""),
             };
-            let end = connection.run(&headers).await;
-            connection.finish(end).await;
+            let end = connection.run(headers).await;
+            Box::pin(connection.finish(end)).await;
             hub.inner.connections.fetch_sub(1, Ordering::Relaxed);
         })
 }
@@ -613,9 +632,13 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(&mut self, headers: &HeaderMap) -> End {
+    async fn run(&mut self, headers: HeaderMap) -> End {
         let config = self.hub.inner.config.clone();
-        let identity = match self.hello(headers, config.hello_timeout).await {
+        // Boxed, like every rarely taken branch below: an idle connection's
+        // task then holds only the small waiting state (memory per idle
+        // connection is a goal of the hub).
+        let hello = Box::pin(self.hello(headers, config.hello_timeout)).await;
+        let identity = match hello {
             Ok(identity) => identity,
             Err(end) => return end,
         };
@@ -624,7 +647,7 @@ impl Connection {
             conn: format!("{}-{}", config.instance, self.conn),
             instance: config.instance.clone(),
         };
-        if self.send(welcome.encode()).await.is_err() {
+        if Box::pin(self.send(welcome.encode())).await.is_err() {
             return End::Gone;
         }
 
@@ -651,7 +674,7 @@ impl Connection {
                 let bye = ServerFrame::Reconnect {
                     reason: "draining".into(),
                 };
-                let _ = self.send(bye.encode()).await;
+                let _ = Box::pin(self.send(bye.encode())).await;
                 return close_with(
                     close::RECONNECT,
                     "instance draining: reconnect elsewhere and resume",
@@ -673,14 +696,14 @@ impl Connection {
                     if heard.elapsed() > config.ping_interval * 2 {
                         return End::Gone;
                     }
-                    if self.socket.send(WsMessage::Ping(Default::default())).await.is_err() {
+                    if Box::pin(self.socket.send(WsMessage::Ping(Default::default()))).await.is_err() {
                         return End::Gone;
                     }
                 }
                 Some(first) = queue.recv() => {
                     let sent = tokio::time::timeout(
                         config.write_timeout,
-                        self.deliver_queued(first, &mut queue),
+                        Box::pin(self.deliver_queued(first, &mut queue)),
                     );
                     match sent.await {
                         Ok(Ok(())) => {}
@@ -707,7 +730,7 @@ impl Connection {
                         Ok(frame) => frame,
                         Err(e) => return close_with(close::BAD_FRAME, e.0),
                     };
-                    if let Err(end) = self.handle(frame, &identity, &queue_tx, &slow).await {
+                    if let Err(end) = Box::pin(self.handle(frame, &identity, &queue_tx, &slow)).await {
                         return end;
                     }
                 }
@@ -716,7 +739,7 @@ impl Connection {
     }
 
     /// The first frame must be `hello`; the app's authenticator decides.
-    async fn hello(&mut self, headers: &HeaderMap, timeout: Duration) -> Result<Identity, End> {
+    async fn hello(&mut self, headers: HeaderMap, timeout: Duration) -> Result<Identity, End> {
         let first = match tokio::time::timeout(timeout, self.socket.recv()).await {
             Err(_) => return Err(close_with(close::UNAUTHORIZED, "no hello frame in time")),
             Ok(None) => return Err(End::Gone),
@@ -742,7 +765,7 @@ impl Connection {
         self.hub
             .inner
             .auth
-            .authenticate(headers, token.as_deref())
+            .authenticate(&headers, token.as_deref())
             .await
             .map_err(|e| close_with(close::UNAUTHORIZED, e.0))
     }
@@ -1013,7 +1036,19 @@ impl Connection {
                     .await
                     .is_ok()
                 {
-                    while let Some(Ok(_)) = self.socket.recv().await {}
+                    loop {
+                        match self.socket.recv().await {
+                            Some(Ok(WsMessage::Close(_))) => break,
+                            Some(Ok(_)) => {}
+                            // Unreadable (the frame that ended it was too
+                            // big): give the peer time to read our close
+                            // before the reset that unread input causes.
+                            None | Some(Err(_)) => {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                break;
+                            }
+                        }
+                    }
                 }
             })
             .await;

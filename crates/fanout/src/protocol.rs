@@ -219,6 +219,7 @@ pub fn message_payload(data: Option<String>, b64: Option<String>) -> Result<Byte
 }
 
 /// Encodes a message once, for every subscriber it goes to.
+#[cfg(feature = "hub")]
 pub(crate) fn encode_message(message: &Message) -> String {
     ServerFrame::message(message).encode()
 }
@@ -288,7 +289,7 @@ mod tests {
             epoch: "e".into(),
             payload: Bytes::from_static(b"{\"status\":\"paid\"}"),
         };
-        let frame = decode_server_frame(&encode_message(&text)).unwrap();
+        let frame = decode_server_frame(&ServerFrame::message(&text).encode()).unwrap();
         let ServerFrame::Msg { data, b64, off, .. } = frame else {
             panic!("{frame:?}")
         };
@@ -300,7 +301,7 @@ mod tests {
             ..text
         };
         let ServerFrame::Msg { data, b64, .. } =
-            decode_server_frame(&encode_message(&binary)).unwrap()
+            decode_server_frame(&ServerFrame::message(&binary).encode()).unwrap()
         else {
             panic!()
         };
