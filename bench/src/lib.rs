@@ -9,6 +9,7 @@
 mod backends;
 pub mod cli;
 mod driver;
+pub mod fanout;
 pub mod lb;
 mod machine;
 mod redis_benchmark;
