@@ -608,15 +608,21 @@ impl S3Server {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("moto_server runs (pip install 'moto[server]'; ./scripts/test.sh installs it)");
-        let server = S3Server { child, port };
+        let mut server = S3Server { child, port };
         let http = reqwest::Client::new();
-        for _ in 0..200 {
+        // moto is Python (behind a pyenv shim here): a few seconds to start
+        // when idle, many more while the other end-to-end tests load the
+        // machine's two cores.
+        for _ in 0..1200 {
             if http.get(server.url("/")).send().await.is_ok() {
                 return server;
             }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("moto_server exited at startup: {status}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("moto_server did not answer on port {port} within 10 s");
+        panic!("moto_server did not answer on port {port} within 60 s");
     }
 
     fn url(&self, path: &str) -> String {

@@ -23,7 +23,7 @@
 //! lost. On [`Hub::drain`] every client is told to reconnect elsewhere (close
 //! 1012).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,7 +38,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::SinkExt;
 use statehouse_store::{MapPatch, Store};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 
 use crate::protocol::{ClientFrame, ServerFrame, close, decode_client_frame, encode_message};
@@ -50,8 +50,8 @@ pub struct Identity {
     /// The user or service (a token's `sub`); presence lists these.
     pub subject: String,
     /// When the credential stops being valid (seconds since the Unix epoch):
-    /// the hub closes the connection then (4401) and the client reconnects
-    /// with a fresh one.
+    /// the hub closes the connection (4401) at the first ping after it and
+    /// the client reconnects with a fresh one.
     pub expires_at: Option<u64>,
 }
 
@@ -257,14 +257,57 @@ struct Delivery {
 struct Subscriber {
     conn: u64,
     subject: Arc<str>,
-    queue: mpsc::Sender<Arc<Delivery>>,
-    slow: Arc<SlowSignal>,
+    inbox: Arc<Inbox>,
 }
 
-#[derive(Default)]
-struct SlowSignal {
-    cut: AtomicBool,
+/// A connection's bounded queue of deliveries. A plain deque behind a lock
+/// rather than a channel: it allocates nothing until the first message and
+/// little after, which an idle connection's memory depends on.
+struct Inbox {
+    queue: Mutex<VecDeque<Arc<Delivery>>>,
+    capacity: usize,
+    /// Woken on every delivery, and when the connection is cut.
     notify: Notify,
+    /// Set when the queue overflowed (a slow consumer, cut with a resume
+    /// hint) or the connection is gone; pumps drop such subscribers.
+    cut: AtomicBool,
+}
+
+impl Inbox {
+    fn new(capacity: usize) -> Self {
+        Inbox {
+            queue: Mutex::default(),
+            capacity,
+            notify: Notify::new(),
+            cut: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues `delivery`; false when the queue is full.
+    fn offer(&self, delivery: &Arc<Delivery>) -> bool {
+        let mut queue = lock(&self.queue);
+        if queue.len() >= self.capacity {
+            return false;
+        }
+        queue.push_back(delivery.clone());
+        drop(queue);
+        self.notify.notify_one();
+        true
+    }
+
+    fn pop(&self) -> Option<Arc<Delivery>> {
+        let mut queue = lock(&self.queue);
+        let next = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > 64 {
+            // A burst is over: give its memory back.
+            *queue = VecDeque::new();
+        }
+        next
+    }
+
+    fn is_empty(&self) -> bool {
+        lock(&self.queue).is_empty()
+    }
 }
 
 struct ChannelEntry {
@@ -562,16 +605,18 @@ async fn pump(
 /// Puts `delivery` on every subscriber's queue; a full queue marks its
 /// connection as a slow consumer, to be cut with a resume hint.
 fn offer(subscribers: &Mutex<Vec<Subscriber>>, delivery: &Arc<Delivery>, slow_cut: &AtomicU64) {
-    lock(subscribers).retain(|s| match s.queue.try_send(delivery.clone()) {
-        Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            if !s.slow.cut.swap(true, Ordering::Relaxed) {
-                slow_cut.fetch_add(1, Ordering::Relaxed);
-            }
-            s.slow.notify.notify_one();
-            false
+    lock(subscribers).retain(|s| {
+        if s.inbox.cut.load(Ordering::Relaxed) {
+            return false;
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        if s.inbox.offer(delivery) {
+            return true;
+        }
+        if !s.inbox.cut.swap(true, Ordering::Relaxed) {
+            slow_cut.fetch_add(1, Ordering::Relaxed);
+        }
+        s.inbox.notify.notify_one();
+        false
     });
 }
 
@@ -595,8 +640,9 @@ async fn upgrade(State(hub): State<Hub>, headers: HeaderMap, ws: WebSocketUpgrad
                 hub: hub.clone(),
                 conn,
                 socket,
-                subs: HashMap::new(),
+                subs: Vec::new(),
                 subject: Arc::from(""),
+                inbox: Arc::new(Inbox::new(hub.inner.config.queue)),
             };
             let end = connection.run(headers).await;
             Box::pin(connection.finish(end)).await;
@@ -627,13 +673,37 @@ struct Connection {
     hub: Hub,
     conn: u64,
     socket: WebSocket,
-    subs: HashMap<Arc<str>, Position>,
+    /// Where each subscription is; a few entries, searched in order.
+    subs: Vec<(Arc<str>, Position)>,
     subject: Arc<str>,
+    inbox: Arc<Inbox>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // However the task ends, pumps stop offering to it.
+        self.inbox.cut.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Connection {
+    fn sub(&self, channel: &str) -> Option<&Position> {
+        self.subs
+            .iter()
+            .find(|(name, _)| &**name == channel)
+            .map(|(_, p)| p)
+    }
+
+    fn sub_mut(&mut self, channel: &str) -> Option<&mut Position> {
+        self.subs
+            .iter_mut()
+            .find(|(name, _)| &**name == channel)
+            .map(|(_, p)| p)
+    }
+
     async fn run(&mut self, headers: HeaderMap) -> End {
-        let config = self.hub.inner.config.clone();
+        let inner = self.hub.inner.clone();
+        let config = &inner.config;
         // Boxed, like every rarely taken branch below: an idle connection's
         // task then holds only the small waiting state (memory per idle
         // connection is a goal of the hub).
@@ -651,20 +721,8 @@ impl Connection {
             return End::Gone;
         }
 
-        let (queue_tx, mut queue) = mpsc::channel::<Arc<Delivery>>(config.queue);
-        let slow = Arc::new(SlowSignal::default());
         let mut draining = self.hub.inner.draining.subscribe();
-        let expires = identity.expires_at.map(|at| {
-            let left = at.saturating_sub(unix_millis() / 1000);
-            tokio::time::Instant::now() + Duration::from_secs(left)
-        });
-        let expiry = async move {
-            match expires {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(expiry);
+        let inbox = self.inbox.clone();
         let mut ping = tokio::time::interval(config.ping_interval);
         ping.tick().await;
         let mut heard = tokio::time::Instant::now();
@@ -683,32 +741,34 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = draining.changed() => {}
-                () = slow.notify.notified() => {
-                    return close_with(
-                        close::SLOW_CONSUMER,
-                        "slow consumer: reconnect and resume from your last offsets",
-                    );
-                }
-                () = &mut expiry => {
-                    return close_with(close::UNAUTHORIZED, "token expired: reconnect with a fresh one");
-                }
-                _ = ping.tick() => {
-                    if heard.elapsed() > config.ping_interval * 2 {
-                        return End::Gone;
+                () = inbox.notify.notified() => {
+                    if inbox.cut.load(Ordering::Relaxed) {
+                        return close_with(
+                            close::SLOW_CONSUMER,
+                            "slow consumer: reconnect and resume from your last offsets",
+                        );
                     }
-                    if Box::pin(self.socket.send(WsMessage::Ping(Default::default()))).await.is_err() {
-                        return End::Gone;
-                    }
-                }
-                Some(first) = queue.recv() => {
                     let sent = tokio::time::timeout(
                         config.write_timeout,
-                        Box::pin(self.deliver_queued(first, &mut queue)),
+                        Box::pin(self.deliver_queued()),
                     );
                     match sent.await {
                         Ok(Ok(())) => {}
                         Ok(Err(end)) => return end,
                         Err(_) => return End::Gone,
+                    }
+                }
+                _ = ping.tick() => {
+                    // Token expiry is checked here, at ping granularity:
+                    // one timer per connection, not two.
+                    if identity.expires_at.is_some_and(|at| unix_millis() / 1000 >= at) {
+                        return close_with(close::UNAUTHORIZED, "token expired: reconnect with a fresh one");
+                    }
+                    if heard.elapsed() > config.ping_interval * 2 {
+                        return End::Gone;
+                    }
+                    if Box::pin(self.socket.send(WsMessage::Ping(Default::default()))).await.is_err() {
+                        return End::Gone;
                     }
                 }
                 incoming = self.socket.recv() => {
@@ -730,7 +790,7 @@ impl Connection {
                         Ok(frame) => frame,
                         Err(e) => return close_with(close::BAD_FRAME, e.0),
                     };
-                    if let Err(end) = Box::pin(self.handle(frame, &identity, &queue_tx, &slow)).await {
+                    if let Err(end) = Box::pin(self.handle(frame, &identity)).await {
                         return end;
                     }
                 }
@@ -770,13 +830,7 @@ impl Connection {
             .map_err(|e| close_with(close::UNAUTHORIZED, e.0))
     }
 
-    async fn handle(
-        &mut self,
-        frame: ClientFrame,
-        identity: &Identity,
-        queue: &mpsc::Sender<Arc<Delivery>>,
-        slow: &Arc<SlowSignal>,
-    ) -> Result<(), End> {
+    async fn handle(&mut self, frame: ClientFrame, identity: &Identity) -> Result<(), End> {
         match frame {
             ClientFrame::Hello { .. } => {
                 Err(close_with(close::BAD_FRAME, "hello was already sent"))
@@ -793,7 +847,8 @@ impl Connection {
                     .await
             }
             ClientFrame::Unsub { ch } => {
-                if let Some((name, _)) = self.subs.remove_entry(ch.as_str()) {
+                if let Some(at) = self.subs.iter().position(|(name, _)| **name == *ch) {
+                    let (name, _) = self.subs.swap_remove(at);
                     self.hub.unregister(&name, self.conn);
                     self.hub
                         .forget_presence(name, self.subject.clone(), self.conn);
@@ -807,7 +862,7 @@ impl Connection {
                         format!("channel {ch:?} is not yours to subscribe to"),
                     ));
                 }
-                if self.subs.contains_key(ch.as_str()) {
+                if self.sub(&ch).is_some() {
                     return Err(close_with(
                         close::BAD_FRAME,
                         format!("already subscribed to {ch:?}"),
@@ -820,7 +875,7 @@ impl Connection {
                         format!("at most {limit} subscriptions per connection"),
                     ));
                 }
-                self.subscribe(ch.into(), after, epoch, queue, slow).await
+                self.subscribe(ch.into(), after, epoch).await
             }
         }
     }
@@ -830,8 +885,6 @@ impl Connection {
         channel: Arc<str>,
         after: Option<Offset>,
         epoch: Option<String>,
-        queue: &mpsc::Sender<Arc<Delivery>>,
-        slow: &Arc<SlowSignal>,
     ) -> Result<(), End> {
         let hub = self.hub.clone();
         // The tail, read before joining: a new pump starts there, and
@@ -862,12 +915,11 @@ impl Connection {
             Subscriber {
                 conn: self.conn,
                 subject: self.subject.clone(),
-                queue: queue.clone(),
-                slow: slow.clone(),
+                inbox: self.inbox.clone(),
             },
             (tail.last, tail.epoch),
         );
-        self.subs.insert(channel.clone(), position);
+        self.subs.push((channel.clone(), position));
         if let Some(store) = &hub.inner.presence {
             let field = hub.presence_field(&self.subject, self.conn);
             if let Err(e) = hub.mark_present(store, &channel, vec![field]).await {
@@ -881,18 +933,17 @@ impl Connection {
         self.flush().await
     }
 
-    /// Sends a queued delivery and whatever else is queued, then flushes.
-    async fn deliver_queued(
-        &mut self,
-        first: Arc<Delivery>,
-        queue: &mut mpsc::Receiver<Arc<Delivery>>,
-    ) -> Result<(), End> {
-        self.deliver(first).await?;
+    /// Sends what is queued (up to 64 at a time), then flushes.
+    async fn deliver_queued(&mut self) -> Result<(), End> {
         for _ in 0..64 {
-            match queue.try_recv() {
-                Ok(next) => self.deliver(next).await?,
-                Err(_) => break,
+            match self.inbox.pop() {
+                Some(next) => self.deliver(next).await?,
+                None => break,
             }
+        }
+        if !self.inbox.is_empty() {
+            // More than one round's worth: come back for the rest.
+            self.inbox.notify.notify_one();
         }
         self.flush().await
     }
@@ -900,7 +951,7 @@ impl Connection {
     /// Sends `delivery` unless it was sent already, after filling any hole
     /// before it from the broker.
     async fn deliver(&mut self, delivery: Arc<Delivery>) -> Result<(), End> {
-        let Some(position) = self.subs.get_mut(&delivery.channel) else {
+        let Some(position) = self.sub_mut(&delivery.channel) else {
             return Ok(()); // unsubscribed since it was queued
         };
         if position.epoch.is_empty() && position.last == 0 {
@@ -914,7 +965,7 @@ impl Connection {
             self.catch_up(&delivery.channel, Some(delivery.offset - 1))
                 .await?;
         }
-        let Some(position) = self.subs.get_mut(&delivery.channel) else {
+        let Some(position) = self.sub_mut(&delivery.channel) else {
             return Ok(());
         };
         if position.epoch == delivery.epoch && delivery.offset == position.last + 1 {
@@ -932,7 +983,7 @@ impl Connection {
     async fn catch_up(&mut self, channel: &Arc<str>, upto: Option<Offset>) -> Result<(), End> {
         let batch = self.hub.inner.config.read_batch;
         loop {
-            let Some(position) = self.subs.get(channel) else {
+            let Some(position) = self.sub(channel) else {
                 return Ok(());
             };
             if upto.is_some_and(|u| position.last >= u) {
@@ -947,7 +998,7 @@ impl Connection {
                 .await;
             match read {
                 Ok(read) if read.messages.is_empty() => {
-                    if let Some(position) = self.subs.get_mut(channel)
+                    if let Some(position) = self.sub_mut(channel)
                         && position.epoch.is_empty()
                     {
                         position.epoch = read.epoch.into();
@@ -960,7 +1011,7 @@ impl Connection {
                         self.hub.inner.delivered.fetch_add(1, Ordering::Relaxed);
                     }
                     if let (Some(position), Some(newest)) =
-                        (self.subs.get_mut(channel), read.messages.last())
+                        (self.sub_mut(channel), read.messages.last())
                     {
                         position.last = newest.offset;
                         position.epoch = newest.epoch.as_str().into();
@@ -978,7 +1029,7 @@ impl Connection {
                         oldest,
                         last,
                     };
-                    if let Some(position) = self.subs.get_mut(channel) {
+                    if let Some(position) = self.sub_mut(channel) {
                         *position = Position {
                             last,
                             epoch: epoch.into(),
