@@ -36,7 +36,12 @@ try {
     // add = GET /api/me, PUT the line, GET /api/me (refresh): wait for all three.
     await shop.waitForFunction((n) => document.querySelectorAll("#log div").length >= n + 3, before);
   }
-  await shop.waitForFunction(() => document.querySelector("#cart").textContent.includes("× 2"));
+  // The log also gets the live socket's lines, so counting lines is not
+  // enough: wait for the cart itself to show every add.
+  await shop.waitForFunction(() => {
+    const cart = document.querySelector("#cart").textContent;
+    return cart.includes("Green tea") && cart.includes("× 2") && cart.includes("Stoneware mug");
+  });
   const before = await cartRows();
   const servedBy = (await shop.textContent("#served")).trim();
   say(`cart ${JSON.stringify(before)}, last served by ${servedBy}`);
