@@ -853,36 +853,33 @@ impl Step {
         )
     }
 
+    /// The row's cells, shared by the terminal and the Markdown tables.
+    fn cells(&self) -> [String; 10] {
+        let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
+        [
+            self.rate.to_string(),
+            self.published.to_string(),
+            self.delivered.to_string(),
+            format!("{:.0}", self.per_second),
+            ms(self.p50_us),
+            ms(self.p99_us),
+            ms(self.p999_us),
+            self.lost.to_string(),
+            self.duplicated.to_string(),
+            self.verdict().to_owned(),
+        ]
+    }
+
     fn text(&self) -> String {
+        let c = self.cells();
         format!(
-            "{:>7} {:>9} {:>12} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>6}  {}",
-            self.rate,
-            self.published,
-            self.delivered,
-            self.per_second,
-            self.p50_us as f64 / 1000.0,
-            self.p99_us as f64 / 1000.0,
-            self.p999_us as f64 / 1000.0,
-            self.lost,
-            self.duplicated,
-            self.verdict()
+            "{:>7} {:>9} {:>12} {:>12} {:>9} {:>9} {:>9} {:>8} {:>6}  {}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
         )
     }
 
     fn markdown(&self) -> String {
-        format!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
-            self.rate,
-            self.published,
-            self.delivered,
-            self.per_second,
-            self.p50_us as f64 / 1000.0,
-            self.p99_us as f64 / 1000.0,
-            self.p999_us as f64 / 1000.0,
-            self.lost,
-            self.duplicated,
-            self.verdict()
-        )
+        format!("| {} |", self.cells().join(" | "))
     }
 }
 

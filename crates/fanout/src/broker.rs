@@ -157,15 +157,6 @@ pub fn check_channel(channel: &str) -> Result<()> {
 impl BrokerConfig {
     /// What every backend checks before publishing: the channel name and
     /// the payload size.
-    #[cfg_attr(
-        not(any(
-            feature = "memory",
-            feature = "sqlite",
-            feature = "redis",
-            feature = "nats"
-        )),
-        allow(dead_code)
-    )]
     pub(crate) fn check_publish(&self, channel: &str, payload: &[u8]) -> Result<()> {
         check_channel(channel)?;
         if payload.len() > self.max_payload_bytes {
@@ -196,15 +187,6 @@ pub fn new_epoch() -> String {
 /// after `after` are all retained in `epoch`, else the [`BrokerError::Gap`]
 /// to return. `oldest` is the oldest retained offset (`last + 1` when
 /// nothing is retained).
-#[cfg_attr(
-    not(any(
-        feature = "memory",
-        feature = "sqlite",
-        feature = "redis",
-        feature = "nats"
-    )),
-    allow(dead_code)
-)]
 pub(crate) fn check_resume(
     channel: &str,
     after: Offset,
@@ -239,15 +221,6 @@ pub(crate) fn check_resume(
 /// What a read of a channel nobody has published to returns: an empty batch
 /// in the empty epoch (the first publish chooses the real one), or the
 /// [`BrokerError::Gap`] for a reader that claims an offset in it.
-#[cfg_attr(
-    not(any(
-        feature = "memory",
-        feature = "sqlite",
-        feature = "redis",
-        feature = "nats"
-    )),
-    allow(dead_code)
-)]
 pub(crate) fn no_log(channel: &str, after: Offset, asked: Option<&str>) -> Result<Batch> {
     check_resume(channel, after, asked, "", 1, 0)?;
     Ok(Batch {

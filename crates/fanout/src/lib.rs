@@ -29,6 +29,18 @@
 //! # Ok(()) }
 //! ```
 
+// Built with no backend (the fuzz target's `protocol` build), the helpers
+// the backends share have no caller.
+#![cfg_attr(
+    not(any(
+        feature = "memory",
+        feature = "sqlite",
+        feature = "redis",
+        feature = "nats"
+    )),
+    allow(dead_code)
+)]
+
 mod broker;
 #[cfg(feature = "client")]
 pub mod client;
