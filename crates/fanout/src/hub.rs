@@ -176,7 +176,7 @@ pub struct HubConfig {
     pub write_timeout: Duration,
     /// The WebSocket read buffer per connection (tungstenite's default is
     /// 128 KiB, which idle connections would hold); client frames are
-    /// small, and a larger one grows it. Default 512 bytes.
+    /// small, and a larger one grows it. Default 128 bytes.
     pub read_buffer_bytes: usize,
 }
 
@@ -193,7 +193,7 @@ impl HubConfig {
             presence_ttl: Duration::from_secs(15),
             batch_interval: Duration::from_millis(10),
             write_timeout: Duration::from_secs(10),
-            read_buffer_bytes: 512,
+            read_buffer_bytes: 128,
         }
     }
 }
