@@ -897,7 +897,7 @@ pub async fn run(config: FanoutBenchConfig) -> Result<(), BoxError> {
     let load_before = crate::machine::load_average();
     let redis = RedisServer::start()?;
     let mut secret = [0u8; 32];
-    getrandom_fill(&mut secret);
+    getrandom::fill(&mut secret).map_err(|e| format!("no randomness for the token secret: {e}"))?;
     let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
 
     let mut results = Vec::new();
@@ -1008,20 +1008,6 @@ pub async fn run(config: FanoutBenchConfig) -> Result<(), BoxError> {
     std::fs::write(&config.out, md)?;
     println!("\nwrote {}", config.out.display());
     Ok(())
-}
-
-fn getrandom_fill(buf: &mut [u8]) {
-    // Not a secret worth more than the run: the time will do if the OS has
-    // no randomness to give.
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, buf))
-        .is_err()
-    {
-        let t = now_us().to_le_bytes();
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = t[i % 8] ^ i as u8;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,10 @@ const CART_COOKIE: &str = "shop_cart";
 const ISSUER: &str = "statehouse-shop";
 const AUDIENCE: &str = "shop";
 
+/// The variable holding the shop's token key ring (access tokens, and the
+/// live tokens of [`crate::live`]).
+pub(crate) const TOKEN_KEYS_VAR: &str = "STATEHOUSE_TOKEN_KEYS";
+
 /// The keys token mode needs; every instance must share them.
 #[derive(Debug, Clone)]
 pub struct TokenKeys {
@@ -47,8 +51,7 @@ impl TokenKeys {
             AppError::BadRequest(format!("{what}: {e}"))
         };
         Ok(TokenKeys {
-            ring: KeyRing::from_env("STATEHOUSE_TOKEN_KEYS")
-                .map_err(|e| bad("STATEHOUSE_TOKEN_KEYS", e))?,
+            ring: KeyRing::from_env(TOKEN_KEYS_VAR).map_err(|e| bad(TOKEN_KEYS_VAR, e))?,
             cookie: CookieKeys::from_env("STATEHOUSE_COOKIE_KEYS")
                 .map_err(|e| bad("STATEHOUSE_COOKIE_KEYS", e))?,
         })

@@ -82,11 +82,9 @@ pub async fn announce(db: &Db, broker: &dyn Broker) -> Result<usize, AppError> {
 /// The live-token keys: the shop's token key ring, `STATEHOUSE_TOKEN_KEYS`
 /// (`up` sets it for every child, whatever the architecture).
 pub fn keys_from_env() -> Result<KeyRing, AppError> {
-    KeyRing::from_env("STATEHOUSE_TOKEN_KEYS").map_err(|e| {
-        AppError::BadRequest(format!(
-            "--broker needs STATEHOUSE_TOKEN_KEYS to sign live tokens: {e}"
-        ))
-    })
+    let var = crate::identity::TOKEN_KEYS_VAR;
+    KeyRing::from_env(var)
+        .map_err(|e| AppError::BadRequest(format!("--broker needs {var} to sign live tokens: {e}")))
 }
 
 /// Issues live tokens and builds the hub that accepts them.

@@ -169,6 +169,14 @@ impl BrokerConfig {
     }
 }
 
+/// Milliseconds since the Unix epoch (publish times, retention by age,
+/// presence expiry).
+pub(crate) fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A new random epoch: 16 hex digits.
 pub fn new_epoch() -> String {
     let mut bytes = [0u8; 8];

@@ -239,20 +239,8 @@ impl Client {
                     return self.lost(frame);
                 }
                 Some(Ok(_)) => continue, // pings are answered by tungstenite
-                Some(Err(e)) => {
-                    self.socket = None;
-                    return Ok(Event::Disconnected {
-                        code: None,
-                        reason: e.to_string(),
-                    });
-                }
-                None => {
-                    self.socket = None;
-                    return Ok(Event::Disconnected {
-                        code: None,
-                        reason: "connection closed".into(),
-                    });
-                }
+                Some(Err(e)) => return Ok(self.dropped(e.to_string())),
+                None => return Ok(self.dropped("connection closed".into())),
             };
             match decode_server_frame(&text) {
                 Ok(frame) => {
@@ -260,16 +248,16 @@ impl Client {
                         return Ok(event);
                     }
                 }
-                Err(e) => {
-                    // A hub speaking something else: drop it, try another.
-                    self.socket = None;
-                    return Ok(Event::Disconnected {
-                        code: None,
-                        reason: e.0,
-                    });
-                }
+                // A hub speaking something else: drop it, try another.
+                Err(e) => return Ok(self.dropped(e.0)),
             }
         }
+    }
+
+    /// The connection ended without a close frame; the next call reconnects.
+    fn dropped(&mut self, reason: String) -> Event {
+        self.socket = None;
+        Event::Disconnected { code: None, reason }
     }
 
     fn lost(&mut self, frame: Option<CloseFrame>) -> Result<Event, ClientError> {

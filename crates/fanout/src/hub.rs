@@ -27,7 +27,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
@@ -41,6 +41,7 @@ use statehouse_store::{MapPatch, Store};
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 
+use crate::broker::unix_millis;
 use crate::protocol::{ClientFrame, ServerFrame, close, decode_client_frame, encode_message};
 use crate::{Broker, BrokerError, Offset};
 
@@ -317,12 +318,6 @@ struct ChannelEntry {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn presence_key(channel: &str) -> String {

@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 
 use crate::broker::{
     Batch, Broker, BrokerConfig, BrokerError, Message, Offset, Published, Result, check_channel,
-    check_resume, new_epoch,
+    check_resume, new_epoch, unix_millis,
 };
 
 /// How often `wait` looks while no wake-up can come (Pub/Sub down).
@@ -263,12 +263,6 @@ async fn run_wakers(url: String, prefix: String, wakers: std::sync::Weak<Wakers>
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl RedisBroker {
     pub(crate) async fn open(config: BrokerConfig) -> Result<Self> {
         let conn = connect(&config.url, Duration::from_secs(2))
@@ -360,7 +354,7 @@ impl Broker for RedisBroker {
             .key(&meta)
             .arg(new_epoch())
             .arg(payload.as_ref())
-            .arg(now_ms())
+            .arg(unix_millis())
             .arg(retention.max_messages.max(1))
             .arg(retention.max_age.as_millis() as u64)
             .arg(wake_channel(&self.config.prefix, channel))
@@ -391,7 +385,7 @@ impl Broker for RedisBroker {
             .key(&meta)
             .arg(after)
             .arg(limit.max(1))
-            .arg(now_ms())
+            .arg(unix_millis())
             .arg(self.config.retention.max_age.as_millis() as u64)
             .invoke_async(&mut conn)
             .await

@@ -41,9 +41,7 @@ pub(crate) struct SqliteBroker {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    crate::broker::unix_millis() as i64
 }
 
 impl SqliteBroker {
