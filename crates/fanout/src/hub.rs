@@ -31,15 +31,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
-use axum::extract::State;
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use statehouse_store::{MapPatch, Store};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 
 use crate::broker::unix_millis;
 use crate::protocol::{ClientFrame, ServerFrame, close, decode_client_frame, encode_message};
@@ -220,12 +226,16 @@ struct Inner {
     config: HubConfig,
     presence: Option<Store>,
     channels: Mutex<HashMap<Arc<str>, ChannelEntry>>,
-    draining: watch::Sender<bool>,
+    draining: AtomicBool,
+    /// Wakes every connection at once: at each ping tick (a hub-wide timer
+    /// instead of one per connection) and on drain.
+    signal: Notify,
     next_conn: AtomicU64,
     connections: AtomicU64,
     delivered: Arc<AtomicU64>,
     slow_cut: Arc<AtomicU64>,
-    presence_task: Mutex<Option<AbortHandle>>,
+    /// The ping ticker and the presence heartbeat, stopped with the hub.
+    tasks: Mutex<Vec<AbortHandle>>,
 }
 
 impl fmt::Debug for Inner {
@@ -239,7 +249,7 @@ impl fmt::Debug for Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(task) = lock(&self.presence_task).take() {
+        for task in lock(&self.tasks).drain(..) {
             task.abort();
         }
     }
@@ -335,7 +345,6 @@ impl Hub {
         config: HubConfig,
         presence: Option<Store>,
     ) -> Hub {
-        let (draining, _) = watch::channel(false);
         let hub = Hub {
             inner: Arc::new(Inner {
                 broker,
@@ -343,28 +352,46 @@ impl Hub {
                 config,
                 presence,
                 channels: Mutex::default(),
-                draining,
+                draining: AtomicBool::new(false),
+                signal: Notify::new(),
                 next_conn: AtomicU64::new(1),
                 connections: AtomicU64::new(0),
                 delivered: Arc::default(),
                 slow_cut: Arc::default(),
-                presence_task: Mutex::default(),
+                tasks: Mutex::default(),
             }),
         };
+        // Ping ticks: one timer for the hub rather than one per connection
+        // (memory per idle connection is a goal of the hub).
+        hub.every(hub.inner.config.ping_interval, |hub| async move {
+            hub.inner.signal.notify_waiters();
+        });
         if hub.inner.presence.is_some() {
-            let weak = Arc::downgrade(&hub.inner);
-            let period = hub.inner.config.presence_ttl / 3;
-            let task = tokio::spawn(async move {
-                let mut tick = tokio::time::interval(period);
-                loop {
-                    tick.tick().await;
-                    let Some(inner) = weak.upgrade() else { return };
-                    Hub { inner }.heartbeat().await;
-                }
+            hub.every(hub.inner.config.presence_ttl / 3, |hub| async move {
+                hub.heartbeat().await;
             });
-            *lock(&hub.inner.presence_task) = Some(task.abort_handle());
         }
         hub
+    }
+
+    /// Runs `work` every `period` (the first time after one period) for
+    /// as long as the hub lives.
+    fn every<F, Fut>(&self, period: Duration, work: F)
+    where
+        F: Fn(Hub) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let weak = Arc::downgrade(&self.inner);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                work(Hub { inner }).await;
+            }
+        });
+        lock(&self.inner.tasks).push(task.abort_handle());
     }
 
     /// The hub as a route at `path` (a `GET` that upgrades to WebSocket).
@@ -382,7 +409,8 @@ impl Hub {
     /// Tells every client to reconnect elsewhere and refuses new ones (503):
     /// call it when the instance starts draining.
     pub fn drain(&self) {
-        self.inner.draining.send_replace(true);
+        self.inner.draining.store(true, Ordering::SeqCst);
+        self.inner.signal.notify_waiters();
     }
 
     pub fn stats(&self) -> HubStats {
@@ -615,34 +643,122 @@ fn offer(subscribers: &Mutex<Vec<Subscriber>>, delivery: &Arc<Delivery>, slow_cu
     });
 }
 
-async fn upgrade(State(hub): State<Hub>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
-    if *hub.inner.draining.borrow() {
+/// The WebSocket handshake (RFC 6455 4.2), done here rather than by
+/// axum's `WebSocketUpgrade` so that a connection's task holds one copy of
+/// its state: axum's upgrade task keeps the socket, the callback and the
+/// request headers alongside the callback's future, and an idle connection's
+/// memory is a goal of the hub.
+async fn upgrade(State(hub): State<Hub>, mut request: Request) -> Response {
+    if hub.inner.draining.load(Ordering::SeqCst) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "this instance is draining; connect to another",
         )
             .into_response();
     }
-    let config = &hub.inner.config;
-    ws.read_buffer_size(config.read_buffer_bytes)
-        .write_buffer_size(16 * 1024)
-        .max_message_size(config.max_frame_bytes)
-        .max_frame_size(config.max_frame_bytes)
-        .on_upgrade(move |socket| async move {
-            let conn = hub.inner.next_conn.fetch_add(1, Ordering::Relaxed);
-            hub.inner.connections.fetch_add(1, Ordering::Relaxed);
-            let mut connection = Connection {
-                hub: hub.clone(),
-                conn,
-                socket,
-                subs: Vec::new(),
-                subject: Arc::from(""),
-                inbox: Arc::new(Inbox::new(hub.inner.config.queue)),
-            };
-            let end = connection.run(headers).await;
-            Box::pin(connection.finish(end)).await;
-            hub.inner.connections.fetch_sub(1, Ordering::Relaxed);
+    let accept = match handshake(request.headers()) {
+        Ok(accept) => accept,
+        Err((status, why)) => {
+            let mut refusal = (status, why).into_response();
+            if status == StatusCode::UPGRADE_REQUIRED {
+                refusal.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            return refusal;
+        }
+    };
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            "this connection cannot be upgraded to WebSocket (HTTP/1.1 only)",
+        )
+            .into_response();
+    };
+    let headers = Box::new(std::mem::take(request.headers_mut()));
+    // The connection's whole life, in one future that holds each piece of
+    // state once (captured values stay in a future's state for its whole
+    // life, so it captures only pointers; an `async fn` taking the
+    // connection would hold it twice).
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        let config = &hub.inner.config;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(config.read_buffer_bytes)
+            .write_buffer_size(16 * 1024)
+            .max_message_size(Some(config.max_frame_bytes))
+            .max_frame_size(Some(config.max_frame_bytes));
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
+                .await;
+        let mut connection = Connection::new(hub.clone(), socket);
+        let end = connection.run(headers).await;
+        Box::pin(connection.finish(end)).await;
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let out = response.headers_mut();
+    out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    out.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    out.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
+}
+
+/// Checks an opening handshake; the `Sec-WebSocket-Accept` value, or the
+/// status and reason of the refusal.
+fn handshake(headers: &HeaderMap) -> Result<HeaderValue, (StatusCode, &'static str)> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
+    };
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "a WebSocket handshake needs `Connection: upgrade`",
+        ));
+    }
+    if !has_token(header::UPGRADE, "websocket") {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "a WebSocket handshake needs `Upgrade: websocket`",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        // RFC 6455 4.4: 426 naming the version spoken here.
+        return Err((
+            StatusCode::UPGRADE_REQUIRED,
+            "only WebSocket version 13 is spoken here",
+        ));
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "a WebSocket handshake needs `Sec-WebSocket-Key`",
+        ));
+    };
+    HeaderValue::from_str(&derive_accept_key(key.as_bytes())).map_err(|_| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "could not encode Sec-WebSocket-Accept",
+        )
+    })
 }
 
 /// How a connection ends: a close frame to send, or nothing (the peer is
@@ -664,10 +780,12 @@ struct Position {
     epoch: Arc<str>,
 }
 
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
 struct Connection {
     hub: Hub,
     conn: u64,
-    socket: WebSocket,
+    socket: Socket,
     /// Where each subscription is; a few entries, searched in order.
     subs: Vec<(Arc<str>, Position)>,
     subject: Arc<str>,
@@ -678,10 +796,26 @@ impl Drop for Connection {
     fn drop(&mut self) {
         // However the task ends, pumps stop offering to it.
         self.inbox.cut.store(true, Ordering::Relaxed);
+        self.hub.inner.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Connection {
+    fn new(hub: Hub, socket: Socket) -> Connection {
+        let inner = &hub.inner;
+        let conn = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        inner.connections.fetch_add(1, Ordering::Relaxed);
+        let inbox = Arc::new(Inbox::new(inner.config.queue));
+        Connection {
+            hub,
+            conn,
+            socket,
+            subs: Vec::new(),
+            subject: Arc::from(""),
+            inbox,
+        }
+    }
+
     fn sub(&self, channel: &str) -> Option<&Position> {
         self.subs
             .iter()
@@ -696,7 +830,7 @@ impl Connection {
             .map(|(_, p)| p)
     }
 
-    async fn run(&mut self, headers: HeaderMap) -> End {
+    async fn run(&mut self, headers: Box<HeaderMap>) -> End {
         let inner = self.hub.inner.clone();
         let config = &inner.config;
         // Boxed, like every rarely taken branch below: an idle connection's
@@ -716,49 +850,35 @@ impl Connection {
             return End::Gone;
         }
 
-        let mut draining = self.hub.inner.draining.subscribe();
         let inbox = self.inbox.clone();
-        let mut ping = tokio::time::interval(config.ping_interval);
-        ping.tick().await;
         let mut heard = tokio::time::Instant::now();
+        // Registered before the drain flag is read, so a drain between the
+        // two still wakes it.
+        let mut signal = std::pin::pin!(inner.signal.notified());
+        signal.as_mut().enable();
+        let mut last_ping = tokio::time::Instant::now();
+        if inner.draining.load(Ordering::SeqCst) {
+            return Box::pin(self.move_on()).await;
+        }
 
         loop {
-            if *draining.borrow_and_update() {
-                let bye = ServerFrame::Reconnect {
-                    reason: "draining".into(),
-                };
-                let _ = Box::pin(self.send(bye.encode())).await;
-                return close_with(
-                    close::RECONNECT,
-                    "instance draining: reconnect elsewhere and resume",
-                );
-            }
             tokio::select! {
                 biased;
-                _ = draining.changed() => {}
-                () = inbox.notify.notified() => {
-                    if inbox.cut.load(Ordering::Relaxed) {
-                        return close_with(
-                            close::SLOW_CONSUMER,
-                            "slow consumer: reconnect and resume from your last offsets",
-                        );
+                () = &mut signal => {
+                    signal.set(inner.signal.notified());
+                    signal.as_mut().enable();
+                    if inner.draining.load(Ordering::SeqCst) {
+                        return Box::pin(self.move_on()).await;
                     }
-                    let sent = tokio::time::timeout(
-                        config.write_timeout,
-                        Box::pin(self.deliver_queued()),
-                    );
-                    match sent.await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(end)) => return end,
-                        Err(_) => return End::Gone,
-                    }
-                }
-                _ = ping.tick() => {
-                    // Token expiry is checked here, at ping granularity:
-                    // one timer per connection, not two.
+                    // A ping tick. Token expiry is checked here, at ping
+                    // granularity: no timer of the connection's own.
                     if identity.expires_at.is_some_and(|at| unix_millis() / 1000 >= at) {
                         return close_with(close::UNAUTHORIZED, "token expired: reconnect with a fresh one");
                     }
+                    if last_ping.elapsed() < config.ping_interval / 2 {
+                        continue; // connected since the last tick
+                    }
+                    last_ping = tokio::time::Instant::now();
                     if heard.elapsed() > config.ping_interval * 2 {
                         return End::Gone;
                     }
@@ -766,7 +886,24 @@ impl Connection {
                         return End::Gone;
                     }
                 }
-                incoming = self.socket.recv() => {
+                () = inbox.notify.notified() => {
+                    if inbox.cut.load(Ordering::Relaxed) {
+                        return close_with(
+                            close::SLOW_CONSUMER,
+                            "slow consumer: reconnect and resume from your last offsets",
+                        );
+                    }
+                    let timeout = config.write_timeout;
+                    let sent = Box::pin(async {
+                        tokio::time::timeout(timeout, self.deliver_queued()).await
+                    });
+                    match sent.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(end)) => return end,
+                        Err(_) => return End::Gone,
+                    }
+                }
+                incoming = self.socket.next() => {
                     heard = tokio::time::Instant::now();
                     let frame = match incoming {
                         None => return End::Gone,
@@ -779,7 +916,7 @@ impl Connection {
                             return close_with(close::BAD_FRAME, "binary frames are not part of statehouse-fanout.v1");
                         }
                         WsMessage::Close(_) => return End::Gone,
-                        WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+                        WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => continue,
                     };
                     let frame = match decode_client_frame(&text) {
                         Ok(frame) => frame,
@@ -793,9 +930,21 @@ impl Connection {
         }
     }
 
+    /// Drain: tells the client to reconnect elsewhere.
+    async fn move_on(&mut self) -> End {
+        let bye = ServerFrame::Reconnect {
+            reason: "draining".into(),
+        };
+        let _ = self.send(bye.encode()).await;
+        close_with(
+            close::RECONNECT,
+            "instance draining: reconnect elsewhere and resume",
+        )
+    }
+
     /// The first frame must be `hello`; the app's authenticator decides.
-    async fn hello(&mut self, headers: HeaderMap, timeout: Duration) -> Result<Identity, End> {
-        let first = match tokio::time::timeout(timeout, self.socket.recv()).await {
+    async fn hello(&mut self, headers: Box<HeaderMap>, timeout: Duration) -> Result<Identity, End> {
+        let first = match tokio::time::timeout(timeout, self.socket.next()).await {
             Err(_) => return Err(close_with(close::UNAUTHORIZED, "no hello frame in time")),
             Ok(None) => return Err(End::Gone),
             Ok(Some(Err(e))) => return Err(read_error(&e)),
@@ -914,6 +1063,10 @@ impl Connection {
             },
             (tail.last, tail.epoch),
         );
+        if self.subs.is_empty() {
+            // Most connections hold one subscription: room for exactly one.
+            self.subs.reserve_exact(1);
+        }
         self.subs.push((channel.clone(), position));
         if let Some(store) = &hub.inner.presence {
             let field = hub.presence_field(&self.subject, self.conn);
@@ -1069,7 +1222,7 @@ impl Connection {
             tracing::debug!(conn = self.conn, code, %reason, "closing fan-out connection");
             let reason = truncate_reason(&reason);
             let frame = CloseFrame {
-                code,
+                code: code.into(),
                 reason: reason.into(),
             };
             // Then wait (briefly) for the peer's close: closing a socket
@@ -1083,7 +1236,7 @@ impl Connection {
                     .is_ok()
                 {
                     loop {
-                        match self.socket.recv().await {
+                        match self.socket.next().await {
                             Some(Ok(WsMessage::Close(_))) => break,
                             Some(Ok(_)) => {}
                             // Unreadable (the frame that ended it was too
@@ -1109,12 +1262,12 @@ fn broker_down(e: BrokerError) -> End {
     )
 }
 
-fn read_error(e: &axum::Error) -> End {
-    let text = e.to_string();
-    if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
-        close_with(close::TOO_BIG, "frame over the size limit")
-    } else {
-        End::Gone
+fn read_error(e: &tokio_tungstenite::tungstenite::Error) -> End {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Capacity(_) => {
+            close_with(close::TOO_BIG, "frame over the size limit")
+        }
+        _ => End::Gone,
     }
 }
 

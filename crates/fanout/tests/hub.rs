@@ -251,6 +251,152 @@ async fn drain_moves_clients_without_losing_a_message() {
     assert!(refused.is_err(), "a draining hub accepts no new client");
 }
 
+/// The opening handshake is checked before anything is upgraded: a request
+/// that is not a version-13 WebSocket handshake gets a 4xx with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_handshakes_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (url, _t) = serve(Hub::new(
+        memory_broker().await,
+        auth(),
+        HubConfig::new("a"),
+        None,
+    ))
+    .await;
+    let addr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .to_string();
+    let upgrade = "Connection: Upgrade\r\nUpgrade: websocket\r\n";
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let cases = [
+        ("plain GET", String::new(), "400"),
+        (
+            "no Upgrade header",
+            format!("Connection: upgrade\r\n{key}Sec-WebSocket-Version: 13\r\n"),
+            "400",
+        ),
+        (
+            "no key",
+            format!("{upgrade}Sec-WebSocket-Version: 13\r\n"),
+            "400",
+        ),
+        (
+            "version 8",
+            format!("{upgrade}{key}Sec-WebSocket-Version: 8\r\n"),
+            "426",
+        ),
+        ("no version", format!("{upgrade}{key}"), "426"),
+        (
+            "good",
+            format!("{upgrade}{key}Sec-WebSocket-Version: 13\r\n"),
+            "101",
+        ),
+    ];
+    for (name, headers, want) in cases {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let request = format!("GET /ws HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut head))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: no answer"))
+            .unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).to_string();
+        let status = head.split(' ').nth(1).unwrap_or_default();
+        assert_eq!(status, want, "{name}: {head}");
+        if want == "426" {
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("sec-websocket-version: 13"),
+                "{name}: {head}"
+            );
+        }
+        if want == "101" {
+            // RFC 6455's own example key and answer.
+            assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+        }
+    }
+}
+
+/// One hub-wide timer pings every connection: a peer that answers stays, a
+/// peer that stopped reading (no pongs) is dropped within two intervals,
+/// and a token that expired is closed with 4401 at the next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_keep_live_peers_and_drop_dead_ones() {
+    let mut config = HubConfig::new("a");
+    config.ping_interval = Duration::from_millis(200);
+    let hub = Hub::new(memory_broker().await, auth(), config, None);
+    let (url, _t) = serve(hub.clone()).await;
+    let hello = |t: &str| WsMessage::text(format!(r#"{{"op":"hello","token":"{t}"}}"#));
+    let connections = |want: u64| {
+        let hub = hub.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while hub.stats().connections != want {
+                assert!(Instant::now() < deadline, "never {want} connections");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // Reads until the connection ends: the close code, if any, and the
+    // pings seen.
+    async fn until_close(
+        mut ws: tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    ) -> (Option<u16>, usize) {
+        let mut pings = 0;
+        while let Some(Ok(frame)) = ws.next().await {
+            match frame {
+                WsMessage::Ping(_) => pings += 1,
+                WsMessage::Close(close) => return (close.map(|c| u16::from(c.code)), pings),
+                _ => {}
+            }
+        }
+        (None, pings)
+    }
+    // Live: reads (and so answers pings) the whole time.
+    let (mut live, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    live.send(hello(&token("kim"))).await.unwrap();
+    let live = tokio::spawn(until_close(live));
+    // Dead: says hello, then reads nothing (no pong goes back) until the
+    // hub has given up on it.
+    let (mut dead, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    dead.send(hello(&token("lee"))).await.unwrap();
+    connections(2).await;
+    connections(1).await;
+    let (code, pings) = tokio::time::timeout(Duration::from_secs(5), until_close(dead))
+        .await
+        .expect("the hub closed the silent peer's socket");
+    assert_eq!(code, None, "a dead peer is dropped, not talked to");
+    assert!(pings >= 1, "it was pinged before it was dropped");
+    // A token with two seconds left is closed with 4401 at a tick after.
+    let expiring = TokenIssuer::new(
+        ring(),
+        IssuerConfig::new(ISSUER, AUDIENCE).access_lifetime(Duration::from_secs(2)),
+    )
+    .unwrap()
+    .issue_access("mo", Default::default())
+    .unwrap()
+    .0;
+    let (mut short, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    short.send(hello(&expiring)).await.unwrap();
+    let (code, pings) = tokio::time::timeout(Duration::from_secs(10), until_close(short))
+        .await
+        .expect("the expired token's connection was closed");
+    assert_eq!(
+        code,
+        Some(close::UNAUTHORIZED),
+        "expired token closed with 4401"
+    );
+    assert!(pings >= 1, "pinged until it expired ({pings})");
+    // All the while the live peer was pinged and kept.
+    connections(1).await;
+    assert!(!live.is_finished(), "the live peer stays connected");
+    live.abort();
+}
+
 /// A client that stops reading is cut (4408) once its queue is full, not
 /// allowed to hold the hub's memory; it resumes with nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
