@@ -16,8 +16,9 @@
 //! p99.9), lost (published × subscribers − delivered, after a drain) and
 //! duplicated (a sequence number at or below one already seen on that
 //! connection). A rate is *sustained* when p99 is under 50 ms and nothing was
-//! lost. Then the memory per idle connection: the servers' resident memory
-//! before and after opening `idle` more subscribed, silent connections.
+//! lost. Then the memory per idle connection: on three fresh servers, their
+//! resident memory before and after opening `idle` subscribed, silent
+//! connections.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -787,9 +788,12 @@ async fn run_side(
         }
     }
     subs.close().await;
+    servers.stop().await;
 
     if config.idle > 0 {
-        // Let the servers settle after the load, then measure.
+        // On fresh servers: memory the load freed would otherwise be
+        // reused by the idle connections and hide part of their cost.
+        let servers = start_three(side, config, &redis_url, secret).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = servers.rss();
         println!("-- {}: {} idle connections", side.label(), config.idle);
@@ -805,8 +809,8 @@ async fn run_side(
         );
         result.memory = Some((per, before, after, config.idle));
         idle.close().await;
+        servers.stop().await;
     }
-    servers.stop().await;
     Ok(result)
 }
 
@@ -950,7 +954,7 @@ pub async fn run(config: FanoutBenchConfig) -> Result<(), BoxError> {
         if let Some((per, before, after, n)) = result.memory {
             let _ = writeln!(
                 md,
-                "\nMemory: the three servers' resident memory went from {:.1} MiB to {:.1} MiB with {n} idle subscribed connections: **{:.1} KiB per idle connection**.",
+                "\nMemory: three fresh servers' resident memory went from {:.1} MiB to {:.1} MiB with {n} idle subscribed connections: **{:.1} KiB per idle connection**.",
                 before as f64 / 1048576.0,
                 after as f64 / 1048576.0,
                 per / 1024.0

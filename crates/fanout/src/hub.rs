@@ -679,7 +679,11 @@ async fn upgrade(State(hub): State<Hub>, mut request: Request) -> Response {
         )
             .into_response();
     };
-    let headers = Box::new(std::mem::take(request.headers_mut()));
+    // Copied, not kept: the request's header values are slices of the
+    // connection's 8 KiB read buffer, which would stay allocated until the
+    // hello (and, allocated between long-lived pieces of other connections,
+    // leave holes in the heap after).
+    let headers = Box::new(own_headers(request.headers()));
     // The connection's whole life, in one future that holds each piece of
     // state once (captured values stay in a future's state for its whole
     // life, so it captures only pointers; an `async fn` taking the
@@ -712,6 +716,18 @@ async fn upgrade(State(hub): State<Hub>, mut request: Request) -> Response {
     out.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     out.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     response
+}
+
+/// A copy of `headers` that shares no buffer with the request.
+fn own_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut own = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if let Ok(mut copy) = HeaderValue::from_bytes(value.as_bytes()) {
+            copy.set_sensitive(value.is_sensitive());
+            own.append(name.clone(), copy);
+        }
+    }
+    own
 }
 
 /// Checks an opening handshake; the `Sec-WebSocket-Accept` value, or the

@@ -319,6 +319,43 @@ async fn bad_handshakes_are_refused() {
     }
 }
 
+/// A service client may present its token in the upgrade request's
+/// `Authorization` header instead of in `hello`: the authenticator sees the
+/// request's headers (copied, so the request's buffers are freed at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_header_authenticates() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (url, _t) = serve(Hub::new(
+        memory_broker().await,
+        auth(),
+        HubConfig::new("a"),
+        None,
+    ))
+    .await;
+    let first_reply = |bearer: String| {
+        let url = url.clone();
+        async move {
+            let mut request = url.into_client_request().unwrap();
+            request
+                .headers_mut()
+                .insert("authorization", bearer.parse().unwrap());
+            let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+            ws.send(WsMessage::text(r#"{"op":"hello"}"#)).await.unwrap();
+            match ws.next().await {
+                Some(Ok(WsMessage::Text(text))) => text.to_string(),
+                Some(Ok(WsMessage::Close(Some(close)))) => {
+                    format!("close {}", u16::from(close.code))
+                }
+                other => format!("{other:?}"),
+            }
+        }
+    };
+    let welcome = first_reply(format!("Bearer {}", token("nia"))).await;
+    assert!(welcome.contains("welcome"), "{welcome}");
+    let refused = first_reply("Bearer not-a-token".into()).await;
+    assert_eq!(refused, format!("close {}", close::UNAUTHORIZED));
+}
+
 /// One hub-wide timer pings every connection: a peer that answers stays, a
 /// peer that stopped reading (no pongs) is dropped within two intervals,
 /// and a token that expired is closed with 4401 at the next tick.
