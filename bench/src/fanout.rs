@@ -99,6 +99,10 @@ struct Step {
     p999_us: u64,
     lost: u64,
     duplicated: u64,
+    /// CPU time per delivery (µs) of the three servers, and of this load
+    /// client, over the step (from /proc: user + system).
+    server_cpu_us: f64,
+    client_cpu_us: f64,
 }
 
 impl Step {
@@ -494,6 +498,14 @@ impl Servers {
         self.children.iter().filter_map(Child::id).collect()
     }
 
+    /// CPU time the servers used so far, in clock ticks.
+    fn cpu_ticks(&self) -> u64 {
+        self.pids()
+            .iter()
+            .map(|pid| cpu_ticks_of(&pid.to_string()))
+            .sum()
+    }
+
     /// Resident memory of the servers, in bytes.
     fn rss(&self) -> u64 {
         self.pids().iter().map(|pid| rss_of(*pid)).sum()
@@ -514,6 +526,29 @@ impl Servers {
             }
         }
     }
+}
+
+/// User + system CPU time of a process (`self` or a pid), in clock ticks.
+fn cpu_ticks_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces): state
+            // is the 3rd field, utime and stime the 14th and 15th.
+            let rest = &s[s.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// Microseconds of CPU per delivery, from clock ticks (USER_HZ is 100 on
+/// Linux).
+fn ticks_per_delivery(ticks: u64, deliveries: u64) -> f64 {
+    if deliveries == 0 {
+        return 0.0;
+    }
+    ticks as f64 * 10_000.0 / deliveries as f64
 }
 
 fn rss_of(pid: u32) -> u64 {
@@ -725,6 +760,7 @@ async fn run_side(
     let mut failures = 0;
     for (i, &rate) in config.rates.iter().enumerate() {
         let before = subs.shared.delivered.load(Ordering::Relaxed);
+        let cpu_before = (servers.cpu_ticks(), cpu_ticks_of("self"));
         let started = Instant::now();
         let args = [
             redis_url.clone(),
@@ -762,6 +798,10 @@ async fn run_side(
                 seen = now;
             }
         }
+        let cpu = (
+            servers.cpu_ticks().saturating_sub(cpu_before.0),
+            cpu_ticks_of("self").saturating_sub(cpu_before.1),
+        );
         let tally = subs.collect(i as u64 + 1).await?;
         let (latencies, unique, duplicated) = (&tally.latencies, tally.unique, tally.duplicated);
         // From the first delivery to the last, plus one message interval.
@@ -777,6 +817,8 @@ async fn run_side(
             p999_us: latencies.value_at_quantile(0.999),
             lost: (published * subs.count as u64).saturating_sub(unique),
             duplicated,
+            server_cpu_us: ticks_per_delivery(cpu.0, unique),
+            client_cpu_us: ticks_per_delivery(cpu.1, unique),
         };
         println!("{}", step.text());
         failures = if step.sustained() { 0 } else { failures + 1 };
@@ -843,7 +885,7 @@ fn node_versions(node_dir: &Path) -> String {
 impl Step {
     fn header() -> String {
         format!(
-            "{:>7} {:>9} {:>12} {:>12} {:>9} {:>9} {:>9} {:>8} {:>6}  {}",
+            "{:>7} {:>9} {:>12} {:>12} {:>9} {:>9} {:>9} {:>8} {:>6} {:>10} {:>10}  {}",
             "msg/s",
             "published",
             "delivered",
@@ -853,12 +895,14 @@ impl Step {
             "p99.9 ms",
             "lost",
             "dup",
+            "srv µs/d",
+            "cli µs/d",
             "sustained"
         )
     }
 
     /// The row's cells, shared by the terminal and the Markdown tables.
-    fn cells(&self) -> [String; 10] {
+    fn cells(&self) -> [String; 12] {
         let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
         [
             self.rate.to_string(),
@@ -870,6 +914,8 @@ impl Step {
             ms(self.p999_us),
             self.lost.to_string(),
             self.duplicated.to_string(),
+            format!("{:.1}", self.server_cpu_us),
+            format!("{:.1}", self.client_cpu_us),
             self.verdict().to_owned(),
         ]
     }
@@ -877,8 +923,8 @@ impl Step {
     fn text(&self) -> String {
         let c = self.cells();
         format!(
-            "{:>7} {:>9} {:>12} {:>12} {:>9} {:>9} {:>9} {:>8} {:>6}  {}",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
+            "{:>7} {:>9} {:>12} {:>12} {:>9} {:>9} {:>9} {:>8} {:>6} {:>10} {:>10}  {}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11]
         )
     }
 
@@ -946,7 +992,7 @@ pub async fn run(config: FanoutBenchConfig) -> Result<(), BoxError> {
         let _ = writeln!(md, "## {}\n\n{}\n", side.label(), result.version);
         let _ = writeln!(
             md,
-            "| msg/s | published | delivered | deliveries/s | p50 ms | p99 ms | p99.9 ms | lost | duplicated | sustained |\n|---|---|---|---|---|---|---|---|---|---|"
+            "| msg/s | published | delivered | deliveries/s | p50 ms | p99 ms | p99.9 ms | lost | duplicated | server CPU µs/delivery | client CPU µs/delivery | sustained |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for step in &result.steps {
             let _ = writeln!(md, "{}", step.markdown());
