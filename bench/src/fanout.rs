@@ -34,6 +34,8 @@ use hdrhistogram::Histogram;
 use statehouse_fanout::{BrokerConfig, open};
 use statehouse_testkit::RedisServer;
 use statehouse_token::{IssuerConfig, Key, KeyRing, TokenIssuer};
+
+use crate::machine::{cpu_ticks, cpu_us_per};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -502,7 +504,7 @@ impl Servers {
     fn cpu_ticks(&self) -> u64 {
         self.pids()
             .iter()
-            .map(|pid| cpu_ticks_of(&pid.to_string()))
+            .map(|pid| cpu_ticks(&pid.to_string()))
             .sum()
     }
 
@@ -526,29 +528,6 @@ impl Servers {
             }
         }
     }
-}
-
-/// User + system CPU time of a process (`self` or a pid), in clock ticks.
-fn cpu_ticks_of(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name (which may hold spaces): state
-            // is the 3rd field, utime and stime the 14th and 15th.
-            let rest = &s[s.rfind(')')? + 2..];
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
-}
-
-/// Microseconds of CPU per delivery, from clock ticks (USER_HZ is 100 on
-/// Linux).
-fn ticks_per_delivery(ticks: u64, deliveries: u64) -> f64 {
-    if deliveries == 0 {
-        return 0.0;
-    }
-    ticks as f64 * 10_000.0 / deliveries as f64
 }
 
 fn rss_of(pid: u32) -> u64 {
@@ -760,7 +739,7 @@ async fn run_side(
     let mut failures = 0;
     for (i, &rate) in config.rates.iter().enumerate() {
         let before = subs.shared.delivered.load(Ordering::Relaxed);
-        let cpu_before = (servers.cpu_ticks(), cpu_ticks_of("self"));
+        let cpu_before = (servers.cpu_ticks(), cpu_ticks("self"));
         let started = Instant::now();
         let args = [
             redis_url.clone(),
@@ -800,7 +779,7 @@ async fn run_side(
         }
         let cpu = (
             servers.cpu_ticks().saturating_sub(cpu_before.0),
-            cpu_ticks_of("self").saturating_sub(cpu_before.1),
+            cpu_ticks("self").saturating_sub(cpu_before.1),
         );
         let tally = subs.collect(i as u64 + 1).await?;
         let (latencies, unique, duplicated) = (&tally.latencies, tally.unique, tally.duplicated);
@@ -817,8 +796,8 @@ async fn run_side(
             p999_us: latencies.value_at_quantile(0.999),
             lost: (published * subs.count as u64).saturating_sub(unique),
             duplicated,
-            server_cpu_us: ticks_per_delivery(cpu.0, unique),
-            client_cpu_us: ticks_per_delivery(cpu.1, unique),
+            server_cpu_us: cpu_us_per(cpu.0, unique),
+            client_cpu_us: cpu_us_per(cpu.1, unique),
         };
         println!("{}", step.text());
         failures = if step.sustained() { 0 } else { failures + 1 };

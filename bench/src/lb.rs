@@ -197,6 +197,10 @@ fn haproxy(dir: &Path, backends: &[u16]) -> Result<Subject, BoxError> {
 #[derive(Debug, Clone)]
 struct WrkResult {
     rps: f64,
+    requests: u64,
+    /// The proxy's CPU per request (µs, user and system), summed over its
+    /// processes; `None` when wrk went straight to a backend.
+    cpu_us: Option<(f64, f64)>,
     p50_us: u64,
     p99_us: u64,
     p999_us: u64,
@@ -242,11 +246,24 @@ fn wrk(
     };
     Ok(WrkResult {
         rps: requests as f64 / (duration_us.max(1) as f64 / 1e6),
+        requests,
+        cpu_us: None,
         p50_us: p50,
         p99_us: p99,
         p999_us: p999,
         errors,
     })
+}
+
+/// "12.2 µs (user 3.1 + system 9.1)", or a dash.
+fn cpu_cell(cpu: Option<(f64, f64)>) -> String {
+    match cpu {
+        Some((user, system)) => format!(
+            "{:.1} µs (user {user:.1} + system {system:.1})",
+            user + system
+        ),
+        None => "—".to_owned(),
+    }
 }
 
 fn version(cmd: &str, args: &[&str]) -> String {
@@ -324,16 +341,39 @@ pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
             config.connections,
             config.warmup,
         )?;
-        let r = wrk(
+        let tree = subject
+            .proc
+            .as_ref()
+            .map(|p| crate::machine::process_tree(p.0.id()));
+        let cpu = |tree: &[u32]| {
+            tree.iter()
+                .map(|pid| crate::machine::cpu_ticks_split(&pid.to_string()))
+                .fold((0, 0), |(u, s), (du, ds)| (u + du, s + ds))
+        };
+        let before = tree.as_deref().map(cpu);
+        let mut r = wrk(
             &script,
             subject.port,
             config.wrk_threads,
             config.connections,
             config.duration,
         )?;
+        if let (Some(tree), Some((user, system))) = (tree.as_deref(), before) {
+            let (u, s) = cpu(tree);
+            r.cpu_us = Some((
+                crate::machine::cpu_us_per(u.saturating_sub(user), r.requests),
+                crate::machine::cpu_us_per(s.saturating_sub(system), r.requests),
+            ));
+        }
         println!(
-            "  {:<24} {:>9.0} req/s  p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  errors {}",
-            subject.name, r.rps, r.p50_us, r.p99_us, r.p999_us, r.errors
+            "  {:<24} {:>9.0} req/s  p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  errors {}  {}",
+            subject.name,
+            r.rps,
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            r.errors,
+            cpu_cell(r.cpu_us)
         );
         results.push((subject.name, subject.config.clone(), r));
         drop(subject.proc);
@@ -375,7 +415,7 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "## Method\n\nThree `bench-backend` processes (axum, one thread each) answer `200 ok`. In front of them, one at a time: nothing (wrk straight at one backend: the ceiling), `statehouse lb`, nginx, HAProxy, each with round robin, upstream keep-alive and two workers/threads (the machine has two cores; statehouse runs tokio's default one worker per core). `wrk -t{} -c{} -d{}s` after a {}s warm-up, from the same machine; latencies from wrk's HDR histogram (µs). Client, proxy and backends share the two cores.\n",
+        "## Method\n\nThree `bench-backend` processes (axum, one thread each) answer `200 ok`. In front of them, one at a time: nothing (wrk straight at one backend: the ceiling), `statehouse lb`, nginx, HAProxy, each with round robin, upstream keep-alive and two workers/threads (the machine has two cores; statehouse runs tokio's default one worker per core). `wrk -t{} -c{} -d{}s` after a {}s warm-up, from the same machine; latencies from wrk's HDR histogram (µs); the proxy's CPU time per request (user and system, summed over its processes, from /proc) over the measured run. Client, proxy and backends share the two cores.\n",
         config.wrk_threads,
         config.connections,
         config.duration.as_secs(),
@@ -383,13 +423,18 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "## Results\n\n| subject | req/s | p50 | p99 | p99.9 | errors |\n|---|---|---|---|---|---|"
+        "## Results\n\n| subject | req/s | p50 | p99 | p99.9 | errors | proxy CPU per request |\n|---|---|---|---|---|---|---|"
     );
     for (name, _, r) in results {
         let _ = writeln!(
             md,
-            "| {name} | {:.0} | {} µs | {} µs | {} µs | {} |",
-            r.rps, r.p50_us, r.p99_us, r.p999_us, r.errors
+            "| {name} | {:.0} | {} µs | {} µs | {} µs | {} | {} |",
+            r.rps,
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            r.errors,
+            cpu_cell(r.cpu_us)
         );
     }
     let find = |n: &str| results.iter().find(|(name, _, _)| *name == n).map(|r| &r.2);

@@ -49,6 +49,67 @@ pub(crate) fn load_average() -> String {
 }
 
 /// The first line of a command's standard output, or `unknown`.
+/// User and system CPU time of a process (`"self"` or a pid), in clock
+/// ticks (USER_HZ, 100 a second on Linux); zeros when it is gone.
+pub(crate) fn cpu_ticks_split(pid: &str) -> (u64, u64) {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // After the command name (which may hold spaces) the state is
+            // field 3; utime and stime are fields 14 and 15.
+            let fields: Vec<&str> = s[s.rfind(')')? + 2..].split_whitespace().collect();
+            Some((fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?))
+        })
+        .unwrap_or((0, 0))
+}
+
+/// User + system CPU time of a process, in clock ticks.
+pub(crate) fn cpu_ticks(pid: &str) -> u64 {
+    let (user, system) = cpu_ticks_split(pid);
+    user + system
+}
+
+/// `pid` and every process under it (nginx's workers are its master's
+/// children).
+pub(crate) fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let parent = std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s[s.rfind(')')? + 2..]
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()
+                });
+            if let Some(parent) = parent {
+                parents.push((child, parent));
+            }
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let at = tree[i];
+        tree.extend(parents.iter().filter(|(_, p)| *p == at).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
+/// Microseconds of CPU per unit of work, from clock ticks.
+pub(crate) fn cpu_us_per(ticks: u64, work: u64) -> f64 {
+    if work == 0 {
+        return 0.0;
+    }
+    ticks as f64 * 10_000.0 / work as f64
+}
+
 async fn output(program: &str, args: &[&str]) -> String {
     match Command::new(program).args(args).output().await {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
