@@ -255,14 +255,25 @@ fn wrk(
     })
 }
 
-/// "12.2 µs (user 3.1 + system 9.1)", or a dash.
-fn cpu_cell(cpu: Option<(f64, f64)>) -> String {
-    match cpu {
-        Some((user, system)) => format!(
-            "{:.1} µs (user {user:.1} + system {system:.1})",
-            user + system
-        ),
-        None => "—".to_owned(),
+impl WrkResult {
+    /// The row's cells, shared by the terminal and the Markdown tables; the
+    /// CPU cell reads "12.2 µs (user 3.1 + system 9.1)", or a dash.
+    fn cells(&self) -> [String; 6] {
+        let cpu = match self.cpu_us {
+            Some((user, system)) => format!(
+                "{:.1} µs (user {user:.1} + system {system:.1})",
+                user + system
+            ),
+            None => "—".to_owned(),
+        };
+        [
+            format!("{:.0}", self.rps),
+            self.p50_us.to_string(),
+            self.p99_us.to_string(),
+            self.p999_us.to_string(),
+            self.errors.to_string(),
+            cpu,
+        ]
     }
 }
 
@@ -365,15 +376,10 @@ pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
                 crate::machine::cpu_us_per(s.saturating_sub(system), r.requests),
             ));
         }
+        let [rps, p50, p99, p999, errors, cpu] = r.cells();
         println!(
-            "  {:<24} {:>9.0} req/s  p50 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  errors {}  {}",
-            subject.name,
-            r.rps,
-            r.p50_us,
-            r.p99_us,
-            r.p999_us,
-            r.errors,
-            cpu_cell(r.cpu_us)
+            "  {:<24} {rps:>9} req/s  p50 {p50:>6} µs  p99 {p99:>6} µs  p99.9 {p999:>6} µs  errors {errors}  {cpu}",
+            subject.name
         );
         results.push((subject.name, subject.config.clone(), r));
         drop(subject.proc);
@@ -426,15 +432,10 @@ fn render(
         "## Results\n\n| subject | req/s | p50 | p99 | p99.9 | errors | proxy CPU per request |\n|---|---|---|---|---|---|---|"
     );
     for (name, _, r) in results {
+        let [rps, p50, p99, p999, errors, cpu] = r.cells();
         let _ = writeln!(
             md,
-            "| {name} | {:.0} | {} µs | {} µs | {} µs | {} | {} |",
-            r.rps,
-            r.p50_us,
-            r.p99_us,
-            r.p999_us,
-            r.errors,
-            cpu_cell(r.cpu_us)
+            "| {name} | {rps} | {p50} µs | {p99} µs | {p999} µs | {errors} | {cpu} |"
         );
     }
     let find = |n: &str| results.iter().find(|(name, _, _)| *name == n).map(|r| &r.2);

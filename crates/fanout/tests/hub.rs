@@ -57,6 +57,17 @@ async fn serve(hub: Hub) -> (String, tokio::task::JoinHandle<()>) {
     (format!("ws://{addr}/ws"), task)
 }
 
+/// A hub with the default configuration on a memory broker, served.
+async fn serve_on_memory() -> (String, tokio::task::JoinHandle<()>) {
+    serve(Hub::new(
+        memory_broker().await,
+        auth(),
+        HubConfig::new("a"),
+        None,
+    ))
+    .await
+}
+
 async fn memory_broker() -> Arc<dyn Broker> {
     open(BrokerConfig::new("memory://")).await.unwrap()
 }
@@ -256,13 +267,7 @@ async fn drain_moves_clients_without_losing_a_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_handshakes_are_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (url, _t) = serve(Hub::new(
-        memory_broker().await,
-        auth(),
-        HubConfig::new("a"),
-        None,
-    ))
-    .await;
+    let (url, _t) = serve_on_memory().await;
     let addr = url
         .trim_start_matches("ws://")
         .trim_end_matches("/ws")
@@ -325,13 +330,7 @@ async fn bad_handshakes_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bearer_header_authenticates() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let (url, _t) = serve(Hub::new(
-        memory_broker().await,
-        auth(),
-        HubConfig::new("a"),
-        None,
-    ))
-    .await;
+    let (url, _t) = serve_on_memory().await;
     let first_reply = |bearer: String| {
         let url = url.clone();
         async move {
