@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use statehouse_fanout::hub::{Hub, HubConfig, TokenAuth};
 use statehouse_fanout::{BrokerConfig, open};
 use statehouse_token::{Key, KeyRing, TokenVerifier, VerifierConfig};
@@ -54,7 +55,11 @@ async fn main() -> Result<(), statehouse_bench::BoxError> {
         HubConfig::new(name.as_str()),
         None,
     );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port.parse::<u16>()?)).await?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port.parse::<u16>()?))
+        .await?
+        .tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
     let app: axum::Router = hub.router("/ws");
     println!("listening {port}");
     axum::serve(listener, app)

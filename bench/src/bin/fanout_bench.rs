@@ -32,7 +32,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "25,50,75,100,150,200,300,400,600,800"
+        default_value = "25,50,75,100,150,200,300,400,600,800,1000,1500,2000,3000"
     )]
     rates: Vec<u64>,
     /// How long each rate is published, in whole seconds (e.g. `5s`).

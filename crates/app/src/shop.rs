@@ -30,6 +30,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -309,6 +310,11 @@ pub async fn serve(
         addr = %listener.local_addr().map_err(|e| AppError::internal("listener", e))?,
         "shop instance serving"
     );
+    // No Nagle delay: responses and live messages are small writes that
+    // must leave at once (Node's HTTP server does the same by default).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown.await;
