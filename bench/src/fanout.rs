@@ -35,7 +35,7 @@ use statehouse_fanout::{BrokerConfig, open};
 use statehouse_testkit::RedisServer;
 use statehouse_token::{IssuerConfig, Key, KeyRing, TokenIssuer};
 
-use crate::machine::{cpu_ticks, cpu_us_per};
+use crate::machine::{cpu_ticks, cpu_ticks_of, cpu_us_per};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -502,10 +502,8 @@ impl Servers {
 
     /// CPU time the servers used so far, in clock ticks.
     fn cpu_ticks(&self) -> u64 {
-        self.pids()
-            .iter()
-            .map(|pid| cpu_ticks(&pid.to_string()))
-            .sum()
+        let (user, system) = cpu_ticks_of(&self.pids());
+        user + system
     }
 
     /// Resident memory of the servers, in bytes.

@@ -356,12 +356,7 @@ pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
             .proc
             .as_ref()
             .map(|p| crate::machine::process_tree(p.0.id()));
-        let cpu = |tree: &[u32]| {
-            tree.iter()
-                .map(|pid| crate::machine::cpu_ticks_split(&pid.to_string()))
-                .fold((0, 0), |(u, s), (du, ds)| (u + du, s + ds))
-        };
-        let before = tree.as_deref().map(cpu);
+        let before = tree.as_deref().map(crate::machine::cpu_ticks_of);
         let mut r = wrk(
             &script,
             subject.port,
@@ -370,7 +365,7 @@ pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
             config.duration,
         )?;
         if let (Some(tree), Some((user, system))) = (tree.as_deref(), before) {
-            let (u, s) = cpu(tree);
+            let (u, s) = crate::machine::cpu_ticks_of(tree);
             r.cpu_us = Some((
                 crate::machine::cpu_us_per(u.saturating_sub(user), r.requests),
                 crate::machine::cpu_us_per(s.saturating_sub(system), r.requests),

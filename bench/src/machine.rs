@@ -49,18 +49,28 @@ pub(crate) fn load_average() -> String {
 }
 
 /// The first line of a command's standard output, or `unknown`.
+/// The fields of `/proc/{pid}/stat` after the command name (which may hold
+/// spaces): the state first, the parent pid second, utime and stime 12th
+/// and 13th.
+fn stat_fields(pid: &str) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = text.get(text.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// User and system CPU time of a process (`"self"` or a pid), in clock
 /// ticks (USER_HZ, 100 a second on Linux); zeros when it is gone.
 pub(crate) fn cpu_ticks_split(pid: &str) -> (u64, u64) {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // After the command name (which may hold spaces) the state is
-            // field 3; utime and stime are fields 14 and 15.
-            let fields: Vec<&str> = s[s.rfind(')')? + 2..].split_whitespace().collect();
-            Some((fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?))
-        })
+    stat_fields(pid)
+        .and_then(|f| Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?)))
         .unwrap_or((0, 0))
+}
+
+/// User and system CPU time of several processes together, in clock ticks.
+pub(crate) fn cpu_ticks_of(pids: &[u32]) -> (u64, u64) {
+    pids.iter()
+        .map(|pid| cpu_ticks_split(&pid.to_string()))
+        .fold((0, 0), |(u, s), (du, ds)| (u + du, s + ds))
 }
 
 /// User + system CPU time of a process, in clock ticks.
@@ -75,19 +85,15 @@ pub(crate) fn process_tree(pid: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
-            let parent = std::fs::read_to_string(format!("/proc/{child}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s[s.rfind(')')? + 2..]
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse()
-                        .ok()
-                });
-            if let Some(parent) = parent {
+            let name = child.to_string();
+            if let Some(parent) = stat_fields(&name).and_then(|f| f.get(1)?.parse().ok()) {
                 parents.push((child, parent));
             }
         }

@@ -707,7 +707,7 @@ async fn upgrade(State(hub): State<Hub>, mut request: Request) -> Response {
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
                 .await;
-        let mut connection = Connection::new(hub.clone(), socket);
+        let mut connection = Connection::new(hub, socket);
         let end = connection.run(headers).await;
         Box::pin(connection.finish(end)).await;
     });
