@@ -2,8 +2,10 @@
 //! Redis can show: corrupt bytes written behind the store's back, and clear
 //! errors for a wrong address.
 
-use statehouse_store::{Condition, MapPatch, Store, StoreConfig, StoreError, open};
-use statehouse_testkit::{shared_redis, unique_prefix};
+use std::time::Duration;
+
+use statehouse_store::{Condition, MapPatch, Policy, Store, StoreConfig, StoreError, open};
+use statehouse_testkit::{RedisServer, shared_redis, unique_prefix};
 
 async fn open_store(test: &str) -> Store {
     let redis = shared_redis();
@@ -98,4 +100,113 @@ async fn unreachable_or_malformed_url_is_a_clear_config_error() {
 
     let err = open(StoreConfig::new("mongodb://x")).await.unwrap_err();
     assert!(err.to_string().contains("unknown scheme"), "{err}");
+}
+
+/// A read cut short by the policy's timeout while the server is frozen
+/// (SIGSTOP) must not leave its late reply for a later read; and reads from
+/// many tasks at once each get their own key's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_read_never_hands_its_late_reply_to_another() {
+    let redis = RedisServer::start().expect("start redis-server");
+    let store = open(
+        StoreConfig::new(redis.url())
+            .policy(Policy::fail_closed().with_timeout(Duration::from_millis(200))),
+    )
+    .await
+    .unwrap();
+    for i in 0..32 {
+        store
+            .put(&format!("k{i}"), format!("v{i}"), None, Condition::Any)
+            .await
+            .unwrap();
+    }
+    let value = |read: statehouse_store::Read<Option<statehouse_store::Versioned>>| {
+        read.value.map(|v| v.value)
+    };
+    assert_eq!(value(store.get("k0").await.unwrap()), Some("v0".into()));
+
+    for round in 0..3 {
+        redis.pause().unwrap();
+        // Several reads time out at once, holding several connections.
+        let keys: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
+        let frozen = futures::future::join_all(keys.iter().map(|k| store.get(k))).await;
+        for result in frozen {
+            let err = result.unwrap_err();
+            assert!(err.is_unavailable(), "round {round}: {err:?}");
+        }
+        redis.resume().unwrap();
+        // The server now answers the abandoned reads too; none of those
+        // replies may reach these.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for i in (6..32).rev() {
+            let read = loop {
+                match store.get(&format!("k{i}")).await {
+                    Ok(read) => break read,
+                    // The circuit may still be open for a moment.
+                    Err(e) if e.is_unavailable() => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    Err(e) => panic!("round {round}: k{i}: {e:?}"),
+                }
+            };
+            assert_eq!(value(read), Some(format!("v{i}").into()), "round {round}");
+        }
+    }
+
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for n in 0..200 {
+                    let i = (t + n) % 32;
+                    let read = store.get(&format!("k{i}")).await.unwrap();
+                    assert_eq!(value(read), Some(format!("v{i}").into()));
+                    let map = store.map_read(&format!("m{i}")).await.unwrap();
+                    assert!(map.value.is_none());
+                    assert_eq!(store.counter(&format!("c{i}")).await.unwrap().value, None);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// The URL's password and database are used: what the store wrote in
+/// database 3 of a password-protected server, it reads back, and it is in
+/// database 3.
+#[tokio::test]
+async fn the_urls_password_and_database_are_used() {
+    let redis = RedisServer::start().expect("start redis-server");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret")
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("redis://:s3cret@{}/3", redis.addr());
+    let store = open(StoreConfig::new(&url)).await.unwrap();
+    store
+        .put("k", "in db 3", None, Condition::Any)
+        .await
+        .unwrap();
+    let read = store.get("k").await.unwrap();
+    assert_eq!(read.value.map(|v| v.value), Some("in db 3".into()));
+
+    let admin = redis::Client::open(format!("redis://:s3cret@{}/3", redis.addr())).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys,
+        ["v:sh:k"],
+        "the store's key (default prefix `sh:`) is in database 3"
+    );
 }

@@ -126,6 +126,30 @@ impl RedisServer {
         process::retry_for(RESTART_WINDOW, || self.spawn())
     }
 
+    /// Freezes the server with SIGSTOP: connections stay open and nothing is answered until
+    /// [`RedisServer::resume`], which then answers everything that waited. The "delayed" fault.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Lets a [`RedisServer::pause`]d server go on (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> Result<()> {
+        let pid = self.pid().ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "redis-server on port {} is not running",
+                self.port
+            ))
+        })?;
+        // The shell's `kill`, so that the spawner's stays the kit's only unsafe code.
+        let mut kill = Command::new("sh");
+        kill.args(["-c", &format!("kill -{name} {pid}")]);
+        process::run_checked(kill, Duration::from_secs(5)).map(drop)
+    }
+
     /// Whether the server process is alive (it may still be starting up or unresponsive).
     pub fn is_running(&self) -> bool {
         self.process.as_ref().is_some_and(ServerProcess::is_running)
