@@ -13,8 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::Uri;
-use http::uri::{self, Authority, PathAndQuery, Scheme};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -43,9 +41,6 @@ impl Discovery for StaticDiscovery {
 pub struct Backend {
     name: String,
     addr: String,
-    /// `addr` as a URI authority, parsed once rather than per request (`None` if it does not
-    /// parse, which validation rules out for configured and added instances).
-    authority: Option<Authority>,
     sticky_id: String,
     /// Set by the admin API: no new requests, in-flight ones finish.
     draining: AtomicBool,
@@ -87,7 +82,6 @@ impl Backend {
             ),
             name: inst.name.clone(),
             addr: inst.addr.clone(),
-            authority: inst.addr.parse().ok(),
             draining: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             ejected_until: Mutex::new(None),
@@ -108,19 +102,6 @@ impl Backend {
     /// `host:port`.
     pub fn addr(&self) -> &str {
         &self.addr
-    }
-
-    /// `http://{addr}{path_and_query}`, the target of a request forwarded to this instance.
-    pub(crate) fn upstream_uri(&self, path_and_query: &PathAndQuery) -> Option<Uri> {
-        if !path_and_query.as_str().starts_with('/') {
-            // Asterisk-form and the like: not forwardable as an origin-form target.
-            return None;
-        }
-        let mut parts = uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(self.authority.clone()?);
-        parts.path_and_query = Some(path_and_query.clone());
-        Uri::from_parts(parts).ok()
     }
 
     /// The opaque value the sticky cookie carries for this instance (a hash of its name: it

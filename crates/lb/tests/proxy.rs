@@ -416,3 +416,138 @@ async fn the_drain_deadline_cuts_what_is_left() {
         "the cut request fails on the client"
     );
 }
+
+/// A hand-written instance on a raw socket, so a test controls its connections: it answers
+/// every request `200 ok` (reading a `Content-Length` body first) and, with `close_after`
+/// set, closes the connection that long after each answer without having said so (no
+/// `Connection: close`), as an instance with a short keep-alive idle timeout does. It
+/// counts the connections that carried a request to `/pool` and those requests.
+struct RawInstance {
+    addr: String,
+    pool_connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pool_requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RawInstance {
+    async fn start(close_after: Option<Duration>) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (c, r) = (Arc::clone(&connections), Arc::clone(&requests));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (c, r) = (Arc::clone(&c), Arc::clone(&r));
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut counted = false;
+                    loop {
+                        let end = loop {
+                            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break p + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < end + length {
+                            let mut chunk = [0u8; 4096];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        if head.contains(" /pool") {
+                            r.fetch_add(1, Ordering::SeqCst);
+                            if !counted {
+                                counted = true;
+                                c.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        buf.drain(..end + length);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        if let Some(idle) = close_after {
+                            tokio::time::sleep(idle).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            pool_connections: connections,
+            pool_requests: requests,
+        }
+    }
+
+    fn lb_config(&self) -> String {
+        // One worker, so one pool; no active checks, whose probes open connections of their own.
+        format!(
+            "workers = 1\n[health]\nenabled = false\n\n[[instances]]\nname = \"raw\"\naddr = \"{}\"\n",
+            self.addr
+        )
+    }
+}
+
+/// Connections to an instance are kept alive and reused: 50 requests one after the other reach
+/// it over a single connection.
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    use std::sync::atomic::Ordering;
+    let instance = RawInstance::start(None).await;
+    let config = statehouse_lb::LbConfig::from_toml_str(&instance.lb_config()).unwrap();
+    let lb = Lb::start_with(config).await;
+    let client = client();
+    for i in 0..50 {
+        let (s, _, body) = request(&client, "GET", &lb.url("/pool"), &[], b"")
+            .await
+            .unwrap();
+        assert_eq!((s, &body[..]), (200, &b"ok"[..]), "request {i}");
+    }
+    assert_eq!(instance.pool_requests.load(Ordering::SeqCst), 50);
+    assert_eq!(instance.pool_connections.load(Ordering::SeqCst), 1);
+}
+
+/// A pooled connection the instance closed while it sat idle is skipped, not failed: POSTs —
+/// never retried once they may have reached an instance — all succeed, each reaching the
+/// instance exactly once, though every connection they could reuse was closed.
+#[tokio::test]
+async fn connections_the_instance_closed_while_idle_are_not_failures() {
+    use std::sync::atomic::Ordering;
+    let instance = RawInstance::start(Some(Duration::from_millis(10))).await;
+    let config = statehouse_lb::LbConfig::from_toml_str(&instance.lb_config()).unwrap();
+    let lb = Lb::start_with(config).await;
+    let client = client();
+    for i in 0..20 {
+        let (s, _, body) = request(&client, "POST", &lb.url("/pool"), &[], b"payload")
+            .await
+            .unwrap();
+        assert_eq!((s, &body[..]), (200, &b"ok"[..]), "POST {i}");
+        // The instance closes the idle connection meanwhile.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert_eq!(instance.pool_requests.load(Ordering::SeqCst), 20);
+    assert_eq!(instance.pool_connections.load(Ordering::SeqCst), 20);
+    // Not a failure nor a retry: the closed connections were never used.
+    for series in ["errors_total", "retries_total", "requests_total"] {
+        let n = lb
+            .metric(&format!("statehouse_lb_{series}{{instance=\"raw\"}}"))
+            .await;
+        let expected = if series == "requests_total" { 20 } else { 0 };
+        assert_eq!(n, expected, "{series}");
+    }
+}

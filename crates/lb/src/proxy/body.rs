@@ -18,6 +18,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::discovery::InFlight;
 use crate::proxy::ConnRequest;
+use crate::proxy::upstream::Lent;
 
 /// The client's body as the source of each attempt's body.
 #[derive(Debug)]
@@ -120,7 +121,7 @@ impl Body for UpstreamBody {
 pub struct ProxyBody {
     kind: Kind,
     /// Released after the last byte (or when the client goes away).
-    _guards: Option<(InFlight, ConnRequest)>,
+    _guards: Option<(InFlight, ConnRequest, Lent)>,
 }
 
 #[derive(Debug)]
@@ -137,7 +138,7 @@ impl ProxyBody {
         }
     }
 
-    pub(crate) fn upstream(b: Incoming, guards: Option<(InFlight, ConnRequest)>) -> Self {
+    pub(crate) fn upstream(b: Incoming, guards: Option<(InFlight, ConnRequest, Lent)>) -> Self {
         Self {
             kind: Kind::Upstream(b),
             _guards: guards,

@@ -19,6 +19,7 @@ mod body;
 pub mod framing;
 pub mod normalize;
 mod retry;
+mod upstream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,21 +29,20 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+pub(crate) use body::BodySource;
 pub use body::ProxyBody;
-pub(crate) use body::{BodySource, UpstreamBody};
 use framing::{ConnShared, Verdict};
 use normalize::{ForwardContext, X_REQUEST_ID, normalize_request, normalize_response};
 use retry::RetryBudget;
+use upstream::UpstreamPool;
 
 use crate::config::{HashKey, LbConfig, PolicyKind};
 use crate::discovery::{Backend, BackendSet};
@@ -100,7 +100,7 @@ pub(crate) struct Proxy {
     /// This worker's keep-alive pool. Not shared between workers: a pooled connection is
     /// driven by a task on the worker that opened it, so sharing would hand every request
     /// across threads.
-    client: Client<HttpConnector, UpstreamBody>,
+    pool: Arc<UpstreamPool>,
     config: Arc<LbConfig>,
     budget: Arc<RetryBudget>,
 }
@@ -111,7 +111,7 @@ impl Proxy {
         Self {
             set,
             metrics: Arc::default(),
-            client: upstream_client(&config),
+            pool: upstream_pool(&config),
             config,
             budget: Arc::new(budget),
         }
@@ -122,7 +122,7 @@ impl Proxy {
         Self {
             set: Arc::clone(&self.set),
             metrics: Arc::clone(&self.metrics),
-            client: upstream_client(&self.config),
+            pool: upstream_pool(&self.config),
             config: Arc::clone(&self.config),
             budget: Arc::clone(&self.budget),
         }
@@ -203,6 +203,11 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        if !path_and_query.as_str().starts_with('/') {
+            // Asterisk-form and the like: not forwardable as an origin-form target.
+            return Ok(self.reject(400, "unforwardable request target", parts.version));
+        }
+        let target = Uri::from(path_and_query);
 
         self.budget.deposit();
         let mut tried: Vec<Arc<Backend>> = Vec::new();
@@ -223,21 +228,26 @@ impl Proxy {
             *up.method_mut() = parts.method.clone();
             *up.version_mut() = Version::HTTP_11;
             *up.headers_mut() = parts.headers.clone();
-            *up.uri_mut() = match backend.upstream_uri(&path_and_query) {
-                Some(u) => u,
-                // The address was validated as host:port and the path came from a parsed URI.
-                None => {
-                    return Ok(self.reject(400, "unforwardable request target", parts.version));
+            *up.uri_mut() = target.clone();
+            if !up.headers().contains_key(header::HOST) {
+                // An HTTP/1.0 request may come without one; the instance's address stands in.
+                match HeaderValue::from_str(backend.addr()) {
+                    Ok(host) => {
+                        up.headers_mut().insert(header::HOST, host);
+                    }
+                    Err(_) => {
+                        return Ok(self.reject(400, "unforwardable request target", parts.version));
+                    }
                 }
-            };
+            }
             let started = Instant::now();
             let result = tokio::time::timeout(
                 self.config.timeouts.upstream_response,
-                self.client.request(up),
+                self.pool.send(backend.addr(), up),
             )
             .await;
             let (outcome, may_retry) = match result {
-                Ok(Ok(mut resp)) => {
+                Ok(Ok((mut resp, lent))) => {
                     let rtt = started.elapsed();
                     backend.metrics.observe_latency(rtt);
                     if self.config.policy == PolicyKind::P2cEwma {
@@ -262,6 +272,8 @@ impl Proxy {
                         self.set_pin_cookie(&mut rparts.headers, &backend);
                     }
                     let body = if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
+                        // The connection is the tunnel's now; it never goes back to the pool.
+                        drop(lent);
                         match (client_upgrade, server_upgrade) {
                             (Some(c), Some(s)) => spawn_tunnel(c, s, guard, conn.lifecycle.clone()),
                             // An instance answering 101 to a request that is not an upgrade.
@@ -273,7 +285,7 @@ impl Proxy {
                         }
                         ProxyBody::full(Bytes::new())
                     } else {
-                        ProxyBody::upstream(rbody, Some((guard, conn_req)))
+                        ProxyBody::upstream(rbody, Some((guard, conn_req, lent)))
                     };
                     return Ok(Response::from_parts(rparts, body));
                 }
@@ -417,18 +429,10 @@ impl Proxy {
     }
 }
 
-/// The pooled keep-alive client to the instances.
-fn upstream_client(config: &LbConfig) -> Client<HttpConnector, UpstreamBody> {
+/// A worker's keep-alive connections to the instances.
+fn upstream_pool(config: &LbConfig) -> Arc<UpstreamPool> {
     let t = &config.timeouts;
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(t.connect));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(t.upstream_idle)
-        .pool_max_idle_per_host(256)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
+    Arc::new(UpstreamPool::new(t.connect, t.upstream_idle))
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
