@@ -273,7 +273,7 @@ impl Proxy {
                     }
                     let body = if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
                         // The connection is the tunnel's now; it never goes back to the pool.
-                        drop(lent);
+                        lent.discard();
                         match (client_upgrade, server_upgrade) {
                             (Some(c), Some(s)) => spawn_tunnel(c, s, guard, conn.lifecycle.clone()),
                             // An instance answering 101 to a request that is not an upgrade.

@@ -97,6 +97,13 @@ impl fmt::Debug for Lent {
     }
 }
 
+impl Lent {
+    /// Gives the connection up instead of returning it: after a `101`, it carries the tunnel.
+    pub(crate) fn discard(mut self) {
+        self.sender = None;
+    }
+}
+
 impl Drop for Lent {
     fn drop(&mut self) {
         if let Some(sender) = self.sender.take()
