@@ -494,12 +494,14 @@ impl RawInstance {
         }
     }
 
-    fn lb_config(&self) -> String {
-        // One worker, so one pool; no active checks, whose probes open connections of their own.
-        format!(
+    /// A balancer in front of this instance alone: one worker, so one pool, and no active
+    /// checks, whose probes would open connections of their own.
+    async fn balancer(&self) -> Lb {
+        let toml = format!(
             "workers = 1\n[health]\nenabled = false\n\n[[instances]]\nname = \"raw\"\naddr = \"{}\"\n",
             self.addr
-        )
+        );
+        Lb::start_with(statehouse_lb::LbConfig::from_toml_str(&toml).unwrap()).await
     }
 }
 
@@ -509,8 +511,7 @@ impl RawInstance {
 async fn upstream_connections_are_kept_alive_and_reused() {
     use std::sync::atomic::Ordering;
     let instance = RawInstance::start(None).await;
-    let config = statehouse_lb::LbConfig::from_toml_str(&instance.lb_config()).unwrap();
-    let lb = Lb::start_with(config).await;
+    let lb = instance.balancer().await;
     let client = client();
     for i in 0..50 {
         let (s, _, body) = request(&client, "GET", &lb.url("/pool"), &[], b"")
@@ -529,8 +530,7 @@ async fn upstream_connections_are_kept_alive_and_reused() {
 async fn connections_the_instance_closed_while_idle_are_not_failures() {
     use std::sync::atomic::Ordering;
     let instance = RawInstance::start(Some(Duration::from_millis(10))).await;
-    let config = statehouse_lb::LbConfig::from_toml_str(&instance.lb_config()).unwrap();
-    let lb = Lb::start_with(config).await;
+    let lb = instance.balancer().await;
     let client = client();
     for i in 0..20 {
         let (s, _, body) = request(&client, "POST", &lb.url("/pool"), &[], b"payload")
