@@ -67,6 +67,24 @@ async fn round_robin_forwards_and_rewrites_headers() {
         .await
         .unwrap();
     assert_eq!((s, &body[..]), (200, &b"hello body"[..]));
+
+    // The instance gets the client's Host.
+    let (s, _, body) = request(&client, "GET", &lb.url("/headers?x=1"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let got: HashMap<String, Vec<String>> = serde_json::from_slice(&body).unwrap();
+    assert_eq!(got["host"], [lb.addr.to_string()]);
+    // HTTP/1.0 may come without a Host: the instance's address stands in.
+    let answer = raw(lb.addr, b"GET /headers HTTP/1.0\r\n\r\n").await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200"), "{answer}");
+    let got: HashMap<String, Vec<String>> = serde_json::from_str(body).unwrap();
+    let instance_addrs = [a.addr(), b.addr(), c.addr()];
+    assert!(
+        got["host"].len() == 1 && instance_addrs.contains(&got["host"][0]),
+        "{got:?}"
+    );
 }
 
 /// Each malformed or ambiguous head gets its status and nothing reaches an instance, including
