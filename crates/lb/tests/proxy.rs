@@ -466,10 +466,8 @@ impl RawInstance {
                             if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                                 break p + 4;
                             }
-                            let mut chunk = [0u8; 4096];
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                                return;
                             }
                         };
                         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
@@ -479,10 +477,8 @@ impl RawInstance {
                             .and_then(|v| v.trim().parse().ok())
                             .unwrap_or(0);
                         while buf.len() < end + length {
-                            let mut chunk = [0u8; 4096];
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                                return;
                             }
                         }
                         if head.contains(" /pool") {
@@ -523,6 +519,19 @@ impl RawInstance {
     }
 }
 
+/// Sends `n` requests with `body` to `/pool` one after the other, `gap` apart, each answered
+/// `200 ok`.
+async fn expect_ok(lb: &Lb, method: &str, body: &'static [u8], n: usize, gap: Duration) {
+    let client = client();
+    for i in 0..n {
+        let (s, _, body) = request(&client, method, &lb.url("/pool"), &[], body)
+            .await
+            .unwrap();
+        assert_eq!((s, &body[..]), (200, &b"ok"[..]), "{method} {i}");
+        tokio::time::sleep(gap).await;
+    }
+}
+
 /// Connections to an instance are kept alive and reused: 50 requests one after the other reach
 /// it over a single connection.
 #[tokio::test]
@@ -530,13 +539,7 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     use std::sync::atomic::Ordering;
     let instance = RawInstance::start(None).await;
     let lb = instance.balancer().await;
-    let client = client();
-    for i in 0..50 {
-        let (s, _, body) = request(&client, "GET", &lb.url("/pool"), &[], b"")
-            .await
-            .unwrap();
-        assert_eq!((s, &body[..]), (200, &b"ok"[..]), "request {i}");
-    }
+    expect_ok(&lb, "GET", b"", 50, Duration::ZERO).await;
     assert_eq!(instance.pool_requests.load(Ordering::SeqCst), 50);
     assert_eq!(instance.pool_connections.load(Ordering::SeqCst), 1);
 }
@@ -549,15 +552,8 @@ async fn connections_the_instance_closed_while_idle_are_not_failures() {
     use std::sync::atomic::Ordering;
     let instance = RawInstance::start(Some(Duration::from_millis(10))).await;
     let lb = instance.balancer().await;
-    let client = client();
-    for i in 0..20 {
-        let (s, _, body) = request(&client, "POST", &lb.url("/pool"), &[], b"payload")
-            .await
-            .unwrap();
-        assert_eq!((s, &body[..]), (200, &b"ok"[..]), "POST {i}");
-        // The instance closes the idle connection meanwhile.
-        tokio::time::sleep(Duration::from_millis(40)).await;
-    }
+    // 40 ms apart: the instance closes each idle connection meanwhile.
+    expect_ok(&lb, "POST", b"payload", 20, Duration::from_millis(40)).await;
     assert_eq!(instance.pool_requests.load(Ordering::SeqCst), 20);
     assert_eq!(instance.pool_connections.load(Ordering::SeqCst), 20);
     // Not a failure nor a retry: the closed connections were never used.
