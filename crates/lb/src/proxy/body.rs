@@ -17,8 +17,8 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::discovery::InFlight;
-use crate::proxy::ConnRequest;
-use crate::proxy::upstream::Lent;
+use crate::proxy::upstream::{Lent, RawBody};
+use crate::proxy::{BoxError, ConnRequest};
 
 /// The client's body as the source of each attempt's body.
 #[derive(Debug)]
@@ -121,13 +121,18 @@ impl Body for UpstreamBody {
 pub struct ProxyBody {
     kind: Kind,
     /// Released after the last byte (or when the client goes away).
-    _guards: Option<(InFlight, ConnRequest, Lent)>,
+    _guards: Option<Guards>,
 }
+
+/// What a response body holds until its last byte: the instance's in-flight count, the client
+/// connection's, and a hyper connection lent to the exchange.
+pub(crate) type Guards = (InFlight, ConnRequest, Option<Lent>);
 
 #[derive(Debug)]
 enum Kind {
     Full(Option<Bytes>),
     Upstream(Incoming),
+    Raw(RawBody),
 }
 
 impl ProxyBody {
@@ -138,22 +143,35 @@ impl ProxyBody {
         }
     }
 
-    pub(crate) fn upstream(b: Incoming, guards: Option<(InFlight, ConnRequest, Lent)>) -> Self {
+    /// A body from hyper's connection to the instance.
+    pub(crate) fn upstream(b: Incoming, guards: Guards) -> Self {
         Self {
             kind: Kind::Upstream(b),
-            _guards: guards,
+            _guards: Some(guards),
+        }
+    }
+
+    /// A body of the in-task exchange: bytes already read, or the rest still on the connection.
+    pub(crate) fn raw(b: crate::proxy::upstream::RawResponseBody, guards: Guards) -> Self {
+        use crate::proxy::upstream::RawResponseBody;
+        Self {
+            kind: match b {
+                RawResponseBody::Whole(b) => Kind::Full(Some(b)),
+                RawResponseBody::Streaming(b) => Kind::Raw(b),
+            },
+            _guards: Some(guards),
         }
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let r = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(
@@ -161,7 +179,10 @@ impl Body for ProxyBody {
                     .filter(|b| !b.is_empty())
                     .map(|b| Ok(Frame::data(b))),
             ),
-            Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Kind::Upstream(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            Kind::Raw(b) => b.poll_frame(cx),
         };
         if let Poll::Ready(None) = r {
             this._guards = None;
@@ -173,6 +194,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
             Kind::Upstream(b) => b.is_end_stream(),
+            Kind::Raw(b) => b.is_end_stream(),
         }
     }
 
@@ -180,6 +202,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream(b) => b.size_hint(),
+            Kind::Raw(b) => b.size_hint(),
         }
     }
 }

@@ -5,8 +5,9 @@
 //! 2. [`normalize_request`]: framing checks, hop-by-hop headers, `X-Forwarded-*`, request id;
 //! 3. the body source: empty or buffered (replayable), or the stream lent to each attempt;
 //! 4. attempts: pick an instance (usable and not yet tried; failing open to any non-draining
-//!    one), send over the pooled keep-alive client, wait for the response head within
-//!    `timeouts.upstream_response`;
+//!    one), send on a pooled keep-alive connection — in the request's own task when the body
+//!    is in hand and no upgrade is asked for, through hyper otherwise (see `upstream`) — and
+//!    wait for the response head within `timeouts.upstream_response`;
 //! 5. on failure, the retry rule: a **connect failure** means the request never left, so it is
 //!    retried on another instance whatever its method (if the body is still in hand); any other
 //!    failure (reset, timeout) may have reached the instance and is retried only with
@@ -17,6 +18,7 @@
 
 mod body;
 pub mod framing;
+pub mod h1;
 pub mod normalize;
 mod retry;
 mod upstream;
@@ -26,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -39,16 +41,35 @@ use tokio::time::Instant;
 
 pub(crate) use body::BodySource;
 pub use body::ProxyBody;
+use body::UpstreamBody;
 use framing::{ConnShared, Verdict};
 use normalize::{ForwardContext, X_REQUEST_ID, normalize_request, normalize_response};
 use retry::RetryBudget;
-use upstream::UpstreamPool;
+use upstream::{Lent, RawResponse, UpstreamPool};
 
 use crate::config::{HashKey, LbConfig, PolicyKind};
 use crate::discovery::{Backend, BackendSet};
 use crate::health::{Outcome, record_outcome};
 use crate::metrics::{LbMetrics, inc};
 use crate::selection::{PinOutcome, RequestKey};
+
+/// The error type of bodies the proxy passes on.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An instance's response, from either kind of exchange.
+enum Answer {
+    Hyper(Response<Incoming>, Lent),
+    Raw(RawResponse),
+}
+
+impl Answer {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Hyper(r, _) => r.status(),
+            Self::Raw(r) => r.head.status,
+        }
+    }
+}
 
 /// Tells spawned tunnels when to stop, and lets shutdown wait for them (dropped senders).
 #[derive(Debug, Clone)]
@@ -224,37 +245,60 @@ impl Proxy {
             }
             let guard = backend.start_request();
             inc(&backend.metrics.requests);
-            let mut up = Request::new(attempt_body);
-            *up.method_mut() = parts.method.clone();
-            *up.version_mut() = Version::HTTP_11;
-            *up.headers_mut() = parts.headers.clone();
-            *up.uri_mut() = target.clone();
-            if !up.headers().contains_key(header::HOST) {
+            let host = if parts.headers.contains_key(header::HOST) {
+                None
+            } else {
                 // An HTTP/1.0 request may come without one; the instance's address stands in.
                 match HeaderValue::from_str(backend.addr()) {
-                    Ok(host) => {
-                        up.headers_mut().insert(header::HOST, host);
-                    }
+                    Ok(host) => Some(host),
                     Err(_) => {
                         return Ok(self.reject(400, "unforwardable request target", parts.version));
                     }
                 }
-            }
+            };
             let started = Instant::now();
-            let result = tokio::time::timeout(
-                self.config.timeouts.upstream_response,
-                self.pool.send(backend.addr(), up),
-            )
-            .await;
+            let deadline = self.config.timeouts.upstream_response;
+            let result = match (&attempt_body, &norm.upgrade) {
+                (UpstreamBody::Full(body), None) => {
+                    let body = body.as_deref().unwrap_or_default();
+                    let mut request = BytesMut::new();
+                    h1::write_request_head(
+                        &mut request,
+                        &parts.method,
+                        target.path_and_query().map_or("/", PathAndQuery::as_str),
+                        &parts.headers,
+                        host.as_ref(),
+                        body.len(),
+                    );
+                    request.extend_from_slice(body);
+                    let exchange = self.pool.exchange(backend.addr(), &parts.method, &request);
+                    tokio::time::timeout(deadline, exchange)
+                        .await
+                        .map(|r| r.map(Answer::Raw))
+                }
+                _ => {
+                    let mut up = Request::new(attempt_body);
+                    *up.method_mut() = parts.method.clone();
+                    *up.version_mut() = Version::HTTP_11;
+                    *up.headers_mut() = parts.headers.clone();
+                    *up.uri_mut() = target.clone();
+                    if let Some(host) = host {
+                        up.headers_mut().insert(header::HOST, host);
+                    }
+                    tokio::time::timeout(deadline, self.pool.send(backend.addr(), up))
+                        .await
+                        .map(|r| r.map(|(resp, lent)| Answer::Hyper(resp, lent)))
+                }
+            };
             let (outcome, may_retry) = match result {
-                Ok(Ok((mut resp, lent))) => {
+                Ok(Ok(answer)) => {
                     let rtt = started.elapsed();
                     backend.metrics.observe_latency(rtt);
                     if self.config.policy == PolicyKind::P2cEwma {
                         // Only P2C reads the estimate; the lock is not worth taking otherwise.
                         backend.observe_latency(rtt, self.config.p2c.decay);
                     }
-                    let outcome = if resp.status().is_server_error() {
+                    let outcome = if answer.status().is_server_error() {
                         Outcome::ServerError
                     } else {
                         Outcome::Success
@@ -263,30 +307,47 @@ impl Proxy {
                         inc(&backend.metrics.errors);
                     }
                     record_outcome(&self.set, &backend, outcome, &self.config.passive);
-                    let server_upgrade = resp.extensions_mut().remove::<OnUpgrade>();
-                    let (mut rparts, rbody) = resp.into_parts();
+                    let (mut rparts, body) = match answer {
+                        Answer::Raw(raw) => {
+                            let mut r = Response::new(());
+                            *r.status_mut() = raw.head.status;
+                            *r.headers_mut() = raw.head.headers;
+                            let (rparts, ()) = r.into_parts();
+                            (rparts, ProxyBody::raw(raw.body, (guard, conn_req, None)))
+                        }
+                        Answer::Hyper(mut resp, lent) => {
+                            let server_upgrade = resp.extensions_mut().remove::<OnUpgrade>();
+                            let (rparts, rbody) = resp.into_parts();
+                            if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
+                                // The connection is the tunnel's now; it never goes back to
+                                // the pool.
+                                lent.discard();
+                                match (client_upgrade, server_upgrade) {
+                                    (Some(c), Some(s)) => {
+                                        spawn_tunnel(c, s, guard, conn.lifecycle.clone());
+                                    }
+                                    // An instance answering 101 to a request that is not an
+                                    // upgrade.
+                                    _ => {
+                                        return Ok(self.reject_status(
+                                            StatusCode::BAD_GATEWAY,
+                                            "unexpected 101",
+                                        ));
+                                    }
+                                }
+                                (rparts, ProxyBody::full(Bytes::new()))
+                            } else {
+                                let guards = (guard, conn_req, Some(lent));
+                                (rparts, ProxyBody::upstream(rbody, guards))
+                            }
+                        }
+                    };
                     normalize_response(rparts.status, &mut rparts.headers);
                     rparts.version = parts.version;
                     rparts.headers.insert(X_REQUEST_ID, norm.request_id.clone());
                     if matches!(pin, PinOutcome::New | PinOutcome::Broken) {
                         self.set_pin_cookie(&mut rparts.headers, &backend);
                     }
-                    let body = if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
-                        // The connection is the tunnel's now; it never goes back to the pool.
-                        lent.discard();
-                        match (client_upgrade, server_upgrade) {
-                            (Some(c), Some(s)) => spawn_tunnel(c, s, guard, conn.lifecycle.clone()),
-                            // An instance answering 101 to a request that is not an upgrade.
-                            _ => {
-                                return Ok(
-                                    self.reject_status(StatusCode::BAD_GATEWAY, "unexpected 101")
-                                );
-                            }
-                        }
-                        ProxyBody::full(Bytes::new())
-                    } else {
-                        ProxyBody::upstream(rbody, Some((guard, conn_req, lent)))
-                    };
                     return Ok(Response::from_parts(rparts, body));
                 }
                 Ok(Err(e)) if e.is_connect() => {
