@@ -446,8 +446,35 @@ struct RawInstance {
     pool_requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// One step of a [`RawInstance`]'s answer.
+#[derive(Clone)]
+enum Step {
+    Send(&'static [u8]),
+    /// Wait until the test says go.
+    Gate(std::sync::Arc<tokio::sync::Notify>),
+    Sleep(Duration),
+    Close,
+}
+
+/// What a [`RawInstance`] answers to a request head (lowercased).
+type Script = std::sync::Arc<dyn Fn(&str) -> Vec<Step> + Send + Sync>;
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
 impl RawInstance {
+    /// Answers every request `200 ok`; with `close_after`, closes the connection that long
+    /// after answering.
     async fn start(close_after: Option<Duration>) -> Self {
+        Self::scripted(std::sync::Arc::new(move |_| match close_after {
+            Some(idle) => vec![Step::Send(OK), Step::Sleep(idle), Step::Close],
+            None => vec![Step::Send(OK)],
+        }))
+        .await
+    }
+
+    /// Answers each request as `script` says, byte for byte. Counts the requests to `/pool`
+    /// and the connections they came on.
+    async fn scripted(script: Script) -> Self {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -457,7 +484,7 @@ impl RawInstance {
         let (c, r) = (Arc::clone(&connections), Arc::clone(&requests));
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
-                let (c, r) = (Arc::clone(&c), Arc::clone(&r));
+                let (c, r, script) = (Arc::clone(&c), Arc::clone(&r), Arc::clone(&script));
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut counted = false;
@@ -489,13 +516,17 @@ impl RawInstance {
                             }
                         }
                         buf.drain(..end + length);
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if stream.write_all(answer).await.is_err() {
-                            return;
-                        }
-                        if let Some(idle) = close_after {
-                            tokio::time::sleep(idle).await;
-                            return;
+                        for step in script(&head) {
+                            match step {
+                                Step::Send(bytes) => {
+                                    if stream.write_all(bytes).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Step::Gate(go) => go.notified().await,
+                                Step::Sleep(d) => tokio::time::sleep(d).await,
+                                Step::Close => return,
+                            }
                         }
                     }
                 });
@@ -564,4 +595,172 @@ async fn connections_the_instance_closed_while_idle_are_not_failures() {
         let expected = if series == "requests_total" { 20 } else { 0 };
         assert_eq!(n, expected, "{series}");
     }
+}
+
+/// A balancer in front of a [`RawInstance`] answering by the request line.
+async fn scripted(script: impl Fn(&str) -> Vec<Step> + Send + Sync + 'static) -> (RawInstance, Lb) {
+    let instance = RawInstance::scripted(std::sync::Arc::new(script)).await;
+    let lb = instance.balancer().await;
+    (instance, lb)
+}
+
+/// Every way an instance may delimit a response body reaches the client whole, however the
+/// bytes are spread over time; the connection is used again exactly when the framing allows.
+#[tokio::test]
+async fn every_response_framing_reaches_the_client_whole() {
+    use std::sync::atomic::Ordering;
+    let (instance, lb) = scripted(|head| {
+        let line = head.lines().next().unwrap_or_default();
+        let path = line.split(' ').nth(1).unwrap_or_default();
+        match path {
+            "/pool/chunked" => vec![
+                Step::Send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"),
+                Step::Sleep(Duration::from_millis(20)),
+                Step::Send(b"6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"),
+            ],
+            "/pool/length" => vec![
+                Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello"),
+                Step::Sleep(Duration::from_millis(20)),
+                Step::Send(b" world"),
+            ],
+            "/pool/continue" => vec![
+                Step::Send(b"HTTP/1.1 100 Continue\r\n\r\n"),
+                Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello world"),
+            ],
+            // Bodiless whatever they say: reading one would eat the next response.
+            "/pool/no-content" => vec![Step::Send(
+                b"HTTP/1.1 204 No Content\r\ncontent-length: 11\r\n\r\n",
+            )],
+            "/pool/head" => vec![Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n")],
+            // No length: the body ends when the connection does.
+            "/pool/until-close" => vec![
+                Step::Send(b"HTTP/1.1 200 OK\r\n\r\nhello world"),
+                Step::Close,
+            ],
+            "/pool/http10" => vec![Step::Send(
+                b"HTTP/1.0 200 OK\r\ncontent-length: 11\r\n\r\nhello world",
+            )],
+            _ => vec![Step::Send(
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+            )],
+        }
+    })
+    .await;
+    let client = client();
+    let get = |method: &'static str, path: &'static str| {
+        let (client, url) = (client.clone(), lb.url(path));
+        async move { request(&client, method, &url, &[], b"").await.unwrap() }
+    };
+    for path in ["/pool/chunked", "/pool/length", "/pool/continue"] {
+        let (s, _, body) = get("GET", path).await;
+        assert_eq!((s, &body[..]), (200, &b"hello world"[..]), "{path}");
+    }
+    let (s, _, body) = get("GET", "/pool/no-content").await;
+    assert_eq!((s, body.len()), (204, 0));
+    let (s, h, body) = get("HEAD", "/pool/head").await;
+    assert_eq!((s, body.len()), (200, 0));
+    assert_eq!(h["content-length"], "11");
+    // All of that on one connection.
+    assert_eq!(instance.pool_connections.load(Ordering::SeqCst), 1);
+
+    let (s, _, body) = get("GET", "/pool/until-close").await;
+    assert_eq!((s, &body[..]), (200, &b"hello world"[..]));
+    let (s, _, body) = get("GET", "/pool/http10").await;
+    assert_eq!((s, &body[..]), (200, &b"hello world"[..]));
+    let (s, _, body) = get("GET", "/pool/length").await;
+    assert_eq!((s, &body[..]), (200, &b"hello world"[..]));
+    // The until-close body took its connection along, and an HTTP/1.0 one is not kept.
+    assert_eq!(instance.pool_connections.load(Ordering::SeqCst), 3);
+    assert_eq!(instance.pool_requests.load(Ordering::SeqCst), 8);
+}
+
+/// A response that could be read two ways, or is not HTTP, is a 502 and never passed on; one
+/// that breaks off mid-body breaks the client's response off too, never ends it short.
+#[tokio::test]
+async fn ambiguous_and_broken_responses_are_never_passed_on() {
+    let (_instance, lb) = scripted(|head| {
+        let line = head.lines().next().unwrap_or_default();
+        match line.split(' ').nth(1).unwrap_or_default() {
+            "/pool/both" => vec![Step::Send(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            )],
+            "/pool/differ" => vec![Step::Send(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc",
+            )],
+            "/pool/switch" => vec![Step::Send(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n")],
+            "/pool/not-http" => vec![Step::Send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")],
+            "/pool/bad-chunk" => vec![Step::Send(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            )],
+            "/pool/truncated" => vec![
+                Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello"),
+                Step::Close,
+            ],
+            _ => vec![Step::Send(OK)],
+        }
+    })
+    .await;
+    let client = client();
+    for path in [
+        "/pool/both",
+        "/pool/differ",
+        "/pool/switch",
+        "/pool/not-http",
+    ] {
+        let (s, _, _) = request(&client, "GET", &lb.url(path), &[], b"")
+            .await
+            .unwrap();
+        assert_eq!(s, 502, "{path}");
+    }
+    for path in ["/pool/bad-chunk", "/pool/truncated"] {
+        let r = request(&client, "GET", &lb.url(path), &[], b"").await;
+        assert!(
+            r.is_err(),
+            "{path}: a broken body was passed on as whole: {r:?}"
+        );
+    }
+    let errors = lb
+        .metric("statehouse_lb_errors_total{instance=\"raw\"}")
+        .await;
+    assert_eq!(errors, 4);
+    // The balancer carries on.
+    expect_ok(&lb, "GET", b"", 3, Duration::ZERO).await;
+}
+
+/// A response body is passed on as it comes, not gathered first: the client reads the first
+/// chunk while the instance has not yet sent the rest (it waits for the test to say go).
+#[tokio::test]
+async fn a_streamed_response_reaches_the_client_as_it_comes() {
+    use http_body_util::BodyExt as _;
+    use std::sync::atomic::Ordering;
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = std::sync::Arc::clone(&go);
+    let (instance, lb) = scripted(move |_| {
+        vec![
+            Step::Send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n"),
+            Step::Gate(std::sync::Arc::clone(&gate)),
+            Step::Send(b"4\r\nlast\r\n0\r\n\r\n"),
+        ]
+    })
+    .await;
+    let client = client();
+    for round in 0..3 {
+        let req = http::Request::get(lb.url("/pool/stream"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the first chunk did not come before the rest was sent")
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.into_data().unwrap(), "first", "round {round}");
+        go.notify_one();
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, "last", "round {round}");
+    }
+    // And the connection was used again each time.
+    assert_eq!(instance.pool_connections.load(Ordering::SeqCst), 1);
 }
