@@ -73,8 +73,11 @@ impl fmt::Display for UpstreamError {
     }
 }
 
-/// Read-buffer space made ready before each read from an instance.
+/// Read-buffer space allocated at a time for reads from an instance ...
 const READ_RESERVE: usize = 8 * 1024;
+/// ... once less than this is left: small responses share one allocation (the bodies handed
+/// on keep their part of it alive), instead of one each.
+const READ_MIN_SPARE: usize = 1024;
 
 /// A connection of the in-task exchange: the stream and what has been read of it but not yet
 /// taken. Idle in the pool only when that is nothing.
@@ -98,9 +101,15 @@ impl RawConn {
         }
     }
 
+    fn make_room(&mut self) {
+        if self.buf.capacity() - self.buf.len() < READ_MIN_SPARE {
+            self.buf.reserve(READ_RESERVE);
+        }
+    }
+
     /// Reads more of the response into the buffer; `Ok(0)` when the instance closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.buf.reserve(READ_RESERVE);
+        self.make_room();
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
             match self.stream.try_read_buf(&mut self.buf) {
@@ -318,7 +327,7 @@ impl UpstreamPool {
             {
                 break head;
             }
-            conn.buf.reserve(READ_RESERVE);
+            conn.make_room();
             if conn
                 .stream
                 .read_buf(&mut conn.buf)
