@@ -50,8 +50,10 @@
 
 mod admin;
 pub mod config;
+mod date;
 pub mod discovery;
 mod error;
+pub mod h1_server;
 pub mod health;
 mod metrics;
 pub mod proxy;

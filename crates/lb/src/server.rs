@@ -16,6 +16,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
@@ -29,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::LbConfig;
 use crate::discovery::{BackendSet, Discovery, StaticDiscovery};
 use crate::error::{ConfigError, LbError};
+use crate::h1_server::End;
 use crate::health::{HealthCheck, HttpHealthCheck, run_checker};
 use crate::proxy::framing::{ConnShared, GuardedIo};
 use crate::proxy::{ConnCtx, Lifecycle, Proxy};
@@ -260,39 +262,81 @@ async fn serve_connection(
     let mut cut = life.cut.clone();
     let _ = stream.set_nodelay(true);
     let shared = Arc::new(ConnShared::new());
-    let io = GuardedIo::new(
-        stream,
-        config.limits.max_head_bytes,
-        config.limits.max_headers,
-        Arc::clone(&shared),
-    );
     let ctx = Arc::new(ConnCtx {
         client: peer,
         shared: Arc::clone(&shared),
         lifecycle: life,
     });
+    let limits = &config.limits;
+    let t = &config.timeouts;
+
+    // Plain HTTP/1.1 requests first, on the lb's own loop (see `h1_server`).
+    let handed_over = {
+        let own = crate::h1_server::serve(
+            stream,
+            &proxy,
+            &ctx,
+            limits.max_head_bytes,
+            limits.max_headers,
+        );
+        tokio::pin!(own);
+        // Its loop reads the flag `watched` sets; nothing more to tell it.
+        let closing = |_: Pin<&mut _>| {};
+        watched(own, closing, &shared, t, &mut shutdown, &mut cut).await
+    };
+    let (stream, read) = match handed_over {
+        Some(End::HandOver(stream, read)) => (stream, read),
+        Some(End::Done) | None => return,
+    };
+
+    // The rest of the connection is hyper's, behind the framing guard.
+    let io = GuardedIo::new(
+        stream,
+        &read,
+        limits.max_head_bytes,
+        limits.max_headers,
+        Arc::clone(&shared),
+    );
+    drop(read);
     let service =
         hyper::service::service_fn(move |req| Arc::clone(&proxy).handle(req, Arc::clone(&ctx)));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let graceful = |c: Pin<&mut _>| {
+        hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(c)
+    };
+    if let Some(Err(e)) = watched(conn, graceful, &shared, t, &mut shutdown, &mut cut).await {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
 
-    let t = &config.timeouts;
+/// Runs a client connection's future under the watchdog: shutdown and the idle timeout ask it
+/// to close gracefully (`graceful`), the drain deadline and the head timeout drop it. Its output,
+/// or `None` if the watchdog dropped it.
+async fn watched<F: Future>(
+    mut conn: Pin<&mut F>,
+    mut graceful: impl FnMut(Pin<&mut F>),
+    shared: &ConnShared,
+    t: &crate::config::TimeoutConfig,
+    shutdown: &mut watch::Receiver<bool>,
+    cut: &mut watch::Receiver<bool>,
+) -> Option<F::Output> {
     let period =
         (t.idle.min(t.request_head) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
-    let mut closing = false;
+    let mut closing = shared.is_closing();
     // The connection is polled on every wake-up (each request wakes it a few times); the
     // watchdog's signals and timer only when one of them fired. Polling them every time costs
     // two locks and a timer check per wake-up, for events that come once a second at most.
     let watch_waker = Arc::new(WatchWaker::default());
     let waker = Waker::from(Arc::clone(&watch_waker));
     loop {
-        let watch = next_event(&mut shutdown, &mut cut, &mut tick, closing);
+        let watch = next_event(shutdown, cut, &mut tick, closing);
         tokio::pin!(watch);
         watch_waker.woken.store(true, Ordering::Release);
         let event = std::future::poll_fn(|cx| {
-            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
-                return Poll::Ready(Event::Done(res));
+            if let Poll::Ready(out) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Done(out));
             }
             if watch_waker.woken.swap(false, Ordering::AcqRel) {
                 watch_waker.set_task(cx.waker());
@@ -304,27 +348,24 @@ async fn serve_connection(
         })
         .await;
         match event {
-            Event::Done(res) => {
-                if let Err(e) = res {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                }
-                return;
-            }
+            Event::Done(out) => return Some(out),
             Event::Shutdown => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                shared.close_gracefully();
+                graceful(conn.as_mut());
             }
-            Event::Cut => return,
+            Event::Cut => return None,
             Event::Tick => {
                 if shared.head_for().is_some_and(|h| h >= t.request_head) {
-                    tracing::debug!(%peer, "request head timeout");
-                    return;
+                    tracing::debug!("request head timeout");
+                    return None;
                 }
                 let idle =
                     shared.in_flight.load(Ordering::Acquire) == 0 && shared.idle_for() >= t.idle;
                 if idle && !closing {
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    shared.close_gracefully();
+                    graceful(conn.as_mut());
                 }
             }
         }
@@ -332,9 +373,9 @@ async fn serve_connection(
 }
 
 /// What woke a client connection's task.
-enum Event<E> {
+enum Event<T> {
     /// The connection finished.
-    Done(Result<(), E>),
+    Done(T),
     /// Shutdown began: finish the requests in flight, then close.
     Shutdown,
     /// The drain deadline passed: close now.
@@ -344,12 +385,12 @@ enum Event<E> {
 }
 
 /// The watchdog's next event (after `Shutdown`, only `Cut` or `Tick`).
-async fn next_event<E>(
+async fn next_event<T>(
     shutdown: &mut watch::Receiver<bool>,
     cut: &mut watch::Receiver<bool>,
     tick: &mut tokio::time::Interval,
     closing: bool,
-) -> Event<E> {
+) -> Event<T> {
     tokio::select! {
         () = crate::until_set(shutdown), if !closing => Event::Shutdown,
         () = crate::until_set(cut) => Event::Cut,

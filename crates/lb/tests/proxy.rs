@@ -764,3 +764,79 @@ async fn a_streamed_response_reaches_the_client_as_it_comes() {
     // And the connection was used again each time.
     assert_eq!(instance.pool_connections.load(Ordering::SeqCst), 1);
 }
+
+/// Plain requests are served by the lb's own HTTP/1.1 loop; the first one that is not (here a
+/// chunked body) hands the connection to hyper, which serves the rest of it. Pipelined requests
+/// are answered in order across the hand-over, and `Connection: close` closes after its answer
+/// (`raw` reads until the lb closes; it would wait 5 s otherwise).
+#[tokio::test]
+async fn a_connection_moves_from_the_plain_loop_to_hyper_in_order() {
+    let a = Backend::start("a");
+    let lb = Lb::start("", &[&a]).await;
+    let started = std::time::Instant::now();
+    let answer = raw(
+        lb.addr,
+        b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\none\
+          POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\ntwo\
+          POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nthree\r\n0\r\n\r\n\
+          POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nfour\
+          GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the lb did not close: {answer}"
+    );
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 5, "{answer}");
+    let order: Vec<usize> = ["one", "two", "three", "four"]
+        .iter()
+        .map(|w| {
+            answer
+                .find(&format!("\r\n\r\n{w}"))
+                .unwrap_or_else(|| panic!("{w} missing: {answer}"))
+        })
+        .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {answer}"
+    );
+    assert!(answer.ends_with("a"), "{answer}");
+
+    // The same on the plain loop alone.
+    let started = std::time::Instant::now();
+    let answer = raw(
+        lb.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the lb did not close: {answer}"
+    );
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+
+    // An upgrade after plain requests on one connection: hyper takes over and splices it.
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200 OK"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}

@@ -1,6 +1,8 @@
-//! Arbitrary bytes as what a client sends, through the framing guard and the head
-//! normalization, as the proxy runs them. Must hold for every input:
+//! Arbitrary bytes as what a client sends, through the lb's own HTTP/1.1 loop's head
+//! classification, the framing guard and the head normalization, as the proxy runs them. Must
+//! hold for every input:
 //! - no panic;
+//! - a request the own loop would serve (a plain one) is one the guard passes unchanged;
 //! - the guard gives the same output and verdicts however the bytes are split across reads;
 //! - a refused head is replaced, never passed on;
 //! - a head the guard passes is one `normalize_request` accepts (they agree on framing), and
@@ -12,6 +14,7 @@
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
 use libfuzzer_sys::fuzz_target;
+use statehouse_lb::h1_server::plain_request_len;
 use statehouse_lb::proxy::framing::{FrameScanner, Verdict};
 use statehouse_lb::proxy::normalize::{
     ForwardContext, X_FORWARDED_FOR, X_REQUEST_ID, has_hop_by_hop, normalize_request,
@@ -27,6 +30,15 @@ fn scan(data: &[u8], split: usize) -> (Vec<u8>, Vec<Verdict>) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // What the lb's own HTTP/1.1 loop serves must be what the guard passes, unchanged: that
+    // loop takes only plain requests and leaves every refusal to the guard and hyper.
+    if let Some((head, body)) = plain_request_len(data, 2048, 32)
+        && let Some(served) = data.get(..head + body)
+    {
+        let (out, verdicts) = scan(served, served.len());
+        assert_eq!(verdicts, [Verdict::Ok], "the plain loop serves a head the guard refuses");
+        assert_eq!(out, served, "the guard would change a head the plain loop serves");
+    }
     let whole = scan(data, data.len());
     let split = data.first().map_or(0, |&b| usize::from(b));
     assert_eq!(

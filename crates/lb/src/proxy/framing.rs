@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -127,8 +127,8 @@ impl FrameScanner {
                         }
                         // The usual case: the whole head arrived in this read. Judge it where
                         // it is instead of collecting it first.
-                        if let Some(pos) = find(input, b"\r\n\r\n") {
-                            let (head, rest) = input.split_at(pos + 4);
+                        if let Some(end) = head_end(input) {
+                            let (head, rest) = input.split_at(end);
                             input = rest;
                             self.finish_head(head, out, verdicts);
                             continue;
@@ -137,10 +137,10 @@ impl FrameScanner {
                     let before = self.head.len();
                     self.head.extend_from_slice(input);
                     // Search from a little before the new bytes: the terminator may straddle.
-                    let from = before.saturating_sub(3);
-                    match find(&self.head[from..], b"\r\n\r\n") {
-                        Some(pos) => {
-                            let end = from + pos + 4;
+                    let from = before.saturating_sub(2);
+                    match head_end(&self.head[from..]) {
+                        Some(end) => {
+                            let end = from + end;
                             let used = end - before;
                             input = &input[used..];
                             self.head.truncate(end);
@@ -361,8 +361,21 @@ fn trim(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// Where the head at the front of `b` ends (just past its empty line), as httparse (and so
+/// hyper) reads it: lines end in LF, optionally preceded by CR, so the empty line is `LF LF` or
+/// `LF CR LF` — not only `CRLF CRLF`. (Looking for `CRLF CRLF` alone, the guard once judged
+/// `GET / HTTP/1.1 LF host: x LF CRLF GET /b …` as one head where hyper reads two requests.)
+fn head_end(b: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = b[from..].iter().position(|&c| c == b'\n') {
+        let lf = from + i;
+        match &b[lf + 1..] {
+            [b'\n', ..] => return Some(lf + 2),
+            [b'\r', b'\n', ..] => return Some(lf + 3),
+            _ => from = lf + 1,
+        }
+    }
+    None
 }
 
 /// `1a;ext=1` -> 26. At most 15 hex digits (hyper's limit is a u64 too).
@@ -388,6 +401,8 @@ pub(crate) struct ConnShared {
     head_started: AtomicU64,
     /// Requests of this connection in flight (the idle timeout waits for zero).
     pub(crate) in_flight: AtomicU64,
+    /// Set when the connection is to close once the request in progress (if any) is answered.
+    closing: AtomicBool,
     epoch: Instant,
 }
 
@@ -398,15 +413,38 @@ impl ConnShared {
             last_activity: AtomicU64::new(0),
             head_started: AtomicU64::new(u64::MAX),
             in_flight: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
             epoch: Instant::now(),
         }
+    }
+
+    /// Asks the connection to close after the request in progress (the lb's own HTTP/1 loop
+    /// reads this; hyper's connection has `graceful_shutdown`).
+    pub(crate) fn close_gracefully(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Bytes of a head have arrived: the head timeout runs from the first of them.
+    pub(crate) fn head_begun(&self) {
+        if self.head_started.load(Ordering::Relaxed) == u64::MAX {
+            self.head_started.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The head is complete.
+    pub(crate) fn head_done(&self) {
+        self.head_started.store(u64::MAX, Ordering::Relaxed);
     }
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_activity.store(self.now_ms(), Ordering::Relaxed);
     }
 
@@ -449,20 +487,49 @@ pub(crate) struct GuardedIo<T> {
 }
 
 impl<T> GuardedIo<T> {
+    /// Wraps `inner`, whose first bytes, `read` (possibly none), were already read from it:
+    /// they are scanned as if read now.
     pub(crate) fn new(
         inner: T,
+        read: &[u8],
         max_head: usize,
         max_headers: usize,
         shared: Arc<ConnShared>,
     ) -> Self {
         shared.touch();
-        Self {
+        let mut io = Self {
             inner,
             scanner: FrameScanner::new(max_head, max_headers),
             ready: BytesMut::new(),
             shared,
             scratch: vec![0; 16 * 1024].into_boxed_slice(),
             verdicts: Vec::new(),
+        };
+        if !read.is_empty() {
+            io.scan(read);
+        }
+        io
+    }
+
+    /// Passes `data` through the scanner into `ready`, queueing its verdicts.
+    fn scan(&mut self, data: &[u8]) {
+        let was_in_head = self.scanner.head_in_progress();
+        self.scanner.feed(data, &mut self.ready, &mut self.verdicts);
+        if !self.verdicts.is_empty() {
+            let mut q = self
+                .shared
+                .verdicts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            q.extend(self.verdicts.drain(..));
+        }
+        let now_in_head = self.scanner.head_in_progress();
+        if now_in_head && !was_in_head {
+            self.shared
+                .head_started
+                .store(self.shared.now_ms(), Ordering::Relaxed);
+        } else if !now_in_head {
+            self.shared.head_started.store(u64::MAX, Ordering::Relaxed);
         }
     }
 }
@@ -481,41 +548,31 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                 this.ready.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            let mut rb = ReadBuf::new(&mut this.scratch);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            let mut scratch = std::mem::take(&mut this.scratch);
+            let mut rb = ReadBuf::new(&mut scratch);
+            let polled = Pin::new(&mut this.inner).poll_read(cx, &mut rb);
+            let result = match polled {
                 Poll::Ready(Ok(())) => {
                     let data = rb.filled();
                     if data.is_empty() {
-                        return Poll::Ready(Ok(()));
-                    }
-                    if this.scanner.state == State::Closed {
+                        Some(Poll::Ready(Ok(())))
+                    } else if this.scanner.state == State::Closed {
                         // After a refused head the rest is discarded. Not end-of-stream: hyper
                         // would drop the connection at EOF without sending the 400/431; the
                         // synthetic head's `connection: close` ends it after the answer.
-                        continue;
+                        None
+                    } else {
+                        this.shared.touch();
+                        this.scan(data);
+                        // Bytes held back (an incomplete head) leave `ready` empty: read more.
+                        None
                     }
-                    this.shared.touch();
-                    let was_in_head = this.scanner.head_in_progress();
-                    this.scanner.feed(data, &mut this.ready, &mut this.verdicts);
-                    if !this.verdicts.is_empty() {
-                        let mut q = this
-                            .shared
-                            .verdicts
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner());
-                        q.extend(this.verdicts.drain(..));
-                    }
-                    let now_in_head = this.scanner.head_in_progress();
-                    if now_in_head && !was_in_head {
-                        this.shared
-                            .head_started
-                            .store(this.shared.now_ms(), Ordering::Relaxed);
-                    } else if !now_in_head {
-                        this.shared.head_started.store(u64::MAX, Ordering::Relaxed);
-                    }
-                    // Bytes held back (an incomplete head) leave `ready` empty: read more.
                 }
-                other => return other,
+                other => Some(other),
+            };
+            this.scratch = scratch;
+            if let Some(r) = result {
+                return r;
             }
         }
     }
@@ -669,6 +726,24 @@ mod tests {
         let (out, v) = scan(input);
         assert_eq!(out, input);
         assert_eq!(v, [Verdict::Ok, Verdict::Ok]);
+    }
+
+    #[test]
+    fn regression_a_head_ending_in_a_bare_lf_line_is_one_head() {
+        // httparse ends the first head at `LF CRLF`: two requests, two verdicts, and the second
+        // is judged on its own (here refused for CL with TE).
+        let input = b"GET / HTTP/1.1\nhost: x\n\r\nPOST /b HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+        for piece in [1, 2, 3, input.len()] {
+            let (_, verdicts) = scan_in_pieces(input, piece);
+            assert_eq!(verdicts.len(), 2, "piece {piece}: {verdicts:?}");
+            assert_eq!(verdicts[0], Verdict::Ok);
+            assert!(
+                matches!(verdicts[1], Verdict::Reject(400, _)),
+                "{verdicts:?}"
+            );
+        }
+        let (_, verdicts) = scan(b"GET / HTTP/1.1\nhost: x\n\nGET / HTTP/1.1\r\n\r\n");
+        assert_eq!(verdicts, [Verdict::Ok, Verdict::Ok]);
     }
 
     #[test]

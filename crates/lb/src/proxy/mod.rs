@@ -149,7 +149,7 @@ impl Proxy {
         }
     }
 
-    /// Serves one client request. Never fails: every failure is an HTTP answer.
+    /// Serves one client request from hyper. Never fails: every failure is an HTTP answer.
     pub(crate) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -162,45 +162,20 @@ impl Proxy {
             return Ok(self.reject(status, reason, req.version()));
         }
         let (mut parts, body) = req.into_parts();
-        let ctx = ForwardContext {
-            client_ip: conn.client.ip(),
-            proto: "http",
-            new_request_id: normalize::new_request_id(),
-        };
-        let norm = match normalize_request(&parts.method, parts.version, &mut parts.headers, &ctx) {
+        let norm = match self.prepare(&mut parts, &conn) {
             Ok(n) => n,
             Err(r) => return Ok(self.reject(r.status().as_u16(), r.reason(), parts.version)),
         };
-        if !parts.headers.contains_key(header::HOST) {
-            // HTTP/2 carries the host in :authority; an HTTP/1.1 instance needs it in Host.
-            if let Some(v) = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
         let client_upgrade = if norm.upgrade.is_some() {
             parts.extensions.remove::<OnUpgrade>()
         } else {
             None
         };
-
-        let idempotent = matches!(
-            parts.method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::PUT
-                | Method::DELETE
-                | Method::TRACE
-        );
         let retry_cfg = &self.config.retry;
         let source = if body.is_end_stream() {
             BodySource::Full(Bytes::new())
         } else if retry_cfg.idempotent
-            && idempotent
+            && is_idempotent(&parts.method)
             && body
                 .size_hint()
                 .exact()
@@ -213,6 +188,68 @@ impl Proxy {
         } else {
             BodySource::streamed(body)
         };
+        Ok(self
+            .forward(parts, norm, source, client_upgrade, conn_req, &conn)
+            .await)
+    }
+
+    /// Serves one plain HTTP/1.1 request read by the lb's own connection loop (`h1_server`):
+    /// its body whole in hand, no upgrade.
+    pub(crate) async fn handle_plain(
+        &self,
+        mut parts: http::request::Parts,
+        body: Bytes,
+        conn: &Arc<ConnCtx>,
+    ) -> Response<ProxyBody> {
+        let conn_req = ConnRequest::new(&conn.shared);
+        match self.prepare(&mut parts, conn) {
+            Ok(norm) => {
+                let source = BodySource::Full(body);
+                self.forward(parts, norm, source, None, conn_req, conn)
+                    .await
+            }
+            Err(r) => self.reject(r.status().as_u16(), r.reason(), parts.version),
+        }
+    }
+
+    /// Normalizes the head for forwarding, or says why it must not be.
+    fn prepare(
+        &self,
+        parts: &mut http::request::Parts,
+        conn: &ConnCtx,
+    ) -> Result<normalize::Normalized, normalize::HeadRejection> {
+        let ctx = ForwardContext {
+            client_ip: conn.client.ip(),
+            proto: "http",
+            new_request_id: normalize::new_request_id(),
+        };
+        let norm = normalize_request(&parts.method, parts.version, &mut parts.headers, &ctx)?;
+        if !parts.headers.contains_key(header::HOST) {
+            // HTTP/2 carries the host in :authority; an HTTP/1.1 instance needs it in Host.
+            if let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        Ok(norm)
+    }
+
+    /// Sends the request to an instance, with retries where they are safe, and shapes the
+    /// answer (see the module docs).
+    async fn forward(
+        &self,
+        parts: http::request::Parts,
+        norm: normalize::Normalized,
+        source: BodySource,
+        client_upgrade: Option<OnUpgrade>,
+        conn_req: ConnRequest,
+        conn: &Arc<ConnCtx>,
+    ) -> Response<ProxyBody> {
+        let idempotent = is_idempotent(&parts.method);
+        let retry_cfg = &self.config.retry;
 
         let key_storage = self.request_key(&parts.headers, parts.uri.path());
         let key = RequestKey {
@@ -226,7 +263,7 @@ impl Proxy {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         if !path_and_query.as_str().starts_with('/') {
             // Asterisk-form and the like: not forwardable as an origin-form target.
-            return Ok(self.reject(400, "unforwardable request target", parts.version));
+            return self.reject(400, "unforwardable request target", parts.version);
         }
         let target = Uri::from(path_and_query);
 
@@ -252,7 +289,7 @@ impl Proxy {
                 match HeaderValue::from_str(backend.addr()) {
                     Ok(host) => Some(host),
                     Err(_) => {
-                        return Ok(self.reject(400, "unforwardable request target", parts.version));
+                        return self.reject(400, "unforwardable request target", parts.version);
                     }
                 }
             };
@@ -329,10 +366,10 @@ impl Proxy {
                                     // An instance answering 101 to a request that is not an
                                     // upgrade.
                                     _ => {
-                                        return Ok(self.reject_status(
+                                        return self.reject_status(
                                             StatusCode::BAD_GATEWAY,
                                             "unexpected 101",
-                                        ));
+                                        );
                                     }
                                 }
                                 (rparts, ProxyBody::full(Bytes::new()))
@@ -348,7 +385,7 @@ impl Proxy {
                     if matches!(pin, PinOutcome::New | PinOutcome::Broken) {
                         self.set_pin_cookie(&mut rparts.headers, &backend);
                     }
-                    return Ok(Response::from_parts(rparts, body));
+                    return Response::from_parts(rparts, body);
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     failure = Failure::Connect;
@@ -399,7 +436,7 @@ impl Proxy {
                 "the instance did not answer in time",
             ),
         };
-        Ok(self.reject_status(status, msg))
+        self.reject_status(status, msg)
     }
 
     /// Picks an instance not yet tried: a usable one if any, else (fail open) any that is not
@@ -488,6 +525,14 @@ impl Proxy {
         );
         r
     }
+}
+
+/// Whether a request may be sent again after it may have reached an instance (RFC 9110 §9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 /// A worker's keep-alive connections to the instances.

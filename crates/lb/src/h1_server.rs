@@ -1,0 +1,463 @@
+//! Client connections served by the lb's own HTTP/1.1 loop, for plain requests; hyper takes
+//! the connection over at the first request that is not one.
+//!
+//! A *plain* request is an HTTP/1.1 request with an origin-form target, no `Transfer-Encoding`,
+//! no `Upgrade` (nor `Connection: upgrade`), no `Expect`, at most one `Content-Length` of at most
+//! [`MAX_PLAIN_BODY`] bytes, a head within the configured size and header-count limits, and
+//! header names and values `http` accepts: the requests a load balancer mostly carries. For
+//! them this loop parses the head once (`httparse`, as hyper does), has the proxy forward it
+//! ([`Proxy::handle_plain`], the same forwarding as hyper's path) and writes the response
+//! itself: head and a body already in hand in one `write`, a streamed body as it comes
+//! (`Content-Length` kept when known, chunked otherwise).
+//!
+//! Anything else — HTTP/1.0, an upgrade, a chunked or large body, `Expect`, the HTTP/2 preface,
+//! a malformed or oversized head — is not refused here: the connection, with the bytes read of
+//! that head, is handed to the framing guard and hyper ([`End::HandOver`]), which refuse or serve
+//! it exactly as they serve every connection; the rest of the connection stays with them. So
+//! this loop adds a faster path and no second set of rules for what is refused.
+//!
+//! Why: hyper's server dispatch, with the guard reading ahead of it, was most of what separated
+//! the lb's CPU per request from nginx's on the bench machine (see bench/results/lb.md).
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt as _;
+use hyper::body::Body as _;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+
+use crate::proxy::{ConnCtx, Proxy, ProxyBody};
+
+/// The largest request body this loop reads whole; a larger one goes to hyper, which streams it.
+pub(crate) const MAX_PLAIN_BODY: u64 = 64 * 1024;
+/// Header slots parsed on the stack; a head with more goes to hyper.
+const STACK_HEADERS: usize = 100;
+/// Read-buffer space allocated at a time, once less than [`READ_MIN_SPARE`] is left.
+const READ_RESERVE: usize = 4096;
+const READ_MIN_SPARE: usize = 512;
+/// Response bytes gathered before a write while a body streams.
+const WRITE_BATCH: usize = 16 * 1024;
+
+/// How the loop ended.
+pub(crate) enum End {
+    /// The connection is finished (closed by either side, or after a graceful shutdown).
+    Done,
+    /// A request this loop does not serve: hyper gets the connection and what was read of it.
+    HandOver(TcpStream, BytesMut),
+}
+
+/// A plain request's head, parsed.
+struct PlainHead {
+    parts: http::request::Parts,
+    /// Bytes of the head in the buffer.
+    head_len: usize,
+    body_len: usize,
+    /// The client asked to close after this request.
+    close: bool,
+}
+
+// Returned by value once per request; boxing the head would add an allocation to each.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Plain(PlainHead),
+    Partial,
+    /// Not plain (or not valid): hyper decides.
+    Other,
+}
+
+/// Parses the head at the front of `buf`, if it is a plain request's.
+fn parse_head(buf: &[u8], max_head: usize, max_headers: usize) -> Parsed {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, &mut slots)
+    {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() <= max_head => return Parsed::Partial,
+        _ => return Parsed::Other,
+    };
+    if head_len > max_head || req.headers.len() > max_headers || req.version != Some(1) {
+        return Parsed::Other;
+    }
+    let (Some(method), Some(path)) = (req.method, req.path) else {
+        return Parsed::Other;
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Other;
+    };
+    if method == Method::CONNECT || !path.starts_with('/') {
+        return Parsed::Other;
+    }
+    let Ok(target) = PathAndQuery::try_from(path) else {
+        return Parsed::Other;
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let mut body_len = None;
+    let mut close = false;
+    for h in req.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            return Parsed::Other;
+        };
+        if name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT {
+            return Parsed::Other;
+        }
+        if name == header::CONTENT_LENGTH {
+            match (body_len, parse_length(h.value)) {
+                (None, Some(n)) if n <= MAX_PLAIN_BODY => body_len = Some(n as usize),
+                _ => return Parsed::Other,
+            }
+        }
+        if name == header::CONNECTION {
+            for token in h.value.split(|&b| b == b',').map(trim) {
+                if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Parsed::Other;
+                }
+                close |= token.eq_ignore_ascii_case(b"close");
+            }
+        }
+        let Ok(value) = HeaderValue::from_bytes(h.value) else {
+            return Parsed::Other;
+        };
+        headers.append(name, value);
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = Uri::from(target);
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    let (parts, ()) = request.into_parts();
+    Parsed::Plain(PlainHead {
+        parts,
+        head_len,
+        body_len: body_len.unwrap_or(0),
+        close,
+    })
+}
+
+/// For the fuzz target: the head and body lengths of the plain request at the front of `buf`,
+/// if the lb's own loop would serve it.
+#[doc(hidden)]
+pub fn plain_request_len(
+    buf: &[u8],
+    max_head: usize,
+    max_headers: usize,
+) -> Option<(usize, usize)> {
+    match parse_head(buf, max_head, max_headers) {
+        Parsed::Plain(h) => Some((h.head_len, h.body_len)),
+        Parsed::Partial | Parsed::Other => None,
+    }
+}
+
+fn parse_length(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    b.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !matches!(c, b' ' | b'\t'));
+    let Some(start) = start else { return &[] };
+    let end = b
+        .iter()
+        .rposition(|c| !matches!(c, b' ' | b'\t'))
+        .unwrap_or(start);
+    &b[start..=end]
+}
+
+/// Serves plain requests on `stream` until it closes, a graceful shutdown asks it to (between
+/// requests), or a request that is not plain arrives.
+pub(crate) async fn serve(
+    mut stream: TcpStream,
+    proxy: &Proxy,
+    ctx: &Arc<ConnCtx>,
+    max_head: usize,
+    max_headers: usize,
+) -> End {
+    let shared = &ctx.shared;
+    shared.touch();
+    let mut buf = BytesMut::new();
+    let mut out = BytesMut::new();
+    loop {
+        let head = loop {
+            match parse_head(&buf, max_head, max_headers) {
+                Parsed::Plain(head) if buf.len() >= head.head_len + head.body_len => break head,
+                Parsed::Plain(_) => {}
+                Parsed::Partial if buf.is_empty() => {}
+                Parsed::Partial => shared.head_begun(),
+                Parsed::Other if shared.is_closing() => return End::Done,
+                Parsed::Other => {
+                    // The guard restarts the head timeout from its own view of these bytes.
+                    shared.head_done();
+                    return End::HandOver(stream, buf);
+                }
+            }
+            match read_more(&stream, &mut buf, shared).await {
+                Ok(0) | Err(_) => return End::Done,
+                Ok(_) => {}
+            }
+        };
+        shared.head_done();
+        buf.advance(head.head_len);
+        let body = if head.body_len == 0 {
+            Bytes::new()
+        } else {
+            buf.split_to(head.body_len).freeze()
+        };
+        let head_request = head.parts.method == Method::HEAD;
+        let resp = proxy.handle_plain(head.parts, body, ctx).await;
+        let close = head.close || shared.is_closing();
+        match write_response(&mut stream, &mut out, resp, head_request, close, shared).await {
+            Ok(true) if !close => {}
+            _ => return End::Done,
+        }
+    }
+}
+
+/// Reads more into `buf`; `Ok(0)` at the client's end of stream, and also when the connection
+/// is idle (nothing buffered) and asked to close.
+async fn read_more(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    shared: &crate::proxy::framing::ConnShared,
+) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < READ_MIN_SPARE {
+        buf.reserve(READ_RESERVE);
+    }
+    let n = std::future::poll_fn(|cx| {
+        if buf.is_empty() && shared.is_closing() {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            ready!(stream.poll_read_ready(cx))?;
+            match stream.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    })
+    .await?;
+    shared.touch();
+    Ok(n)
+}
+
+/// Writes `resp`; `Ok(false)` if the connection cannot carry another request (the response
+/// said `Connection: close`, or its body failed mid-way, which the client sees as a cut).
+async fn write_response(
+    stream: &mut TcpStream,
+    out: &mut BytesMut,
+    resp: Response<ProxyBody>,
+    head_request: bool,
+    close: bool,
+    shared: &crate::proxy::framing::ConnShared,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let exact = body.size_hint().exact();
+    let chunked = !bodiless && exact.is_none();
+    let mut keep = !has_close(&parts.headers);
+
+    out.clear();
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.put_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::TRANSFER_ENCODING || (chunked && name == header::CONTENT_LENGTH) {
+            continue;
+        }
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !bodiless {
+        match exact {
+            Some(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
+                put_header(out, b"content-length", n.to_string().as_bytes());
+            }
+            Some(_) => {}
+            None => put_header(out, b"transfer-encoding", b"chunked"),
+        }
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        put_header(out, b"date", &crate::date::now());
+    }
+    if close && keep {
+        put_header(out, b"connection", b"close");
+        keep = false;
+    }
+    out.put_slice(b"\r\n");
+
+    if !bodiless {
+        loop {
+            let frame = {
+                let mut next = body.frame();
+                match poll_once(&mut next).await {
+                    Some(f) => f,
+                    None => {
+                        // Nothing more in hand: what is gathered goes out before waiting.
+                        flush(stream, out, shared).await?;
+                        next.await
+                    }
+                }
+            };
+            match frame {
+                None => break,
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers: not forwarded on this path
+                    };
+                    if chunked {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        out.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        out.put_slice(&data);
+                        out.put_slice(b"\r\n");
+                    } else {
+                        out.put_slice(&data);
+                    }
+                    if out.len() >= WRITE_BATCH {
+                        flush(stream, out, shared).await?;
+                    }
+                }
+                Some(Err(e)) => {
+                    // The instance's body broke off: so must the client's, never end it short.
+                    flush(stream, out, shared).await?;
+                    tracing::debug!(error = %e, "response body failed");
+                    return Ok(false);
+                }
+            }
+        }
+        if chunked {
+            out.put_slice(b"0\r\n\r\n");
+        }
+    }
+    flush(stream, out, shared).await?;
+    Ok(keep)
+}
+
+async fn flush(
+    stream: &mut TcpStream,
+    out: &mut BytesMut,
+    shared: &crate::proxy::framing::ConnShared,
+) -> io::Result<()> {
+    if !out.is_empty() {
+        stream.write_all(out).await?;
+        out.clear();
+        shared.touch();
+    }
+    Ok(())
+}
+
+/// Polls `fut` once: its output if it is ready now.
+async fn poll_once<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
+    std::future::poll_fn(|cx: &mut Context<'_>| {
+        Poll::Ready(match Pin::new(&mut *fut).poll(cx) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+fn has_close(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| trim(t).eq_ignore_ascii_case(b"close"))
+    })
+}
+
+fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.reserve(name.len() + value.len() + 4);
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(head: &str) -> Option<PlainHead> {
+        match parse_head(head.as_bytes(), 8192, 100) {
+            Parsed::Plain(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn plain_requests_are_recognized() {
+        let h = plain("GET /a?b=1 HTTP/1.1\r\nhost: x\r\nconnection: keep-alive, close\r\n\r\n")
+            .unwrap();
+        assert_eq!(h.parts.method, Method::GET);
+        assert_eq!(h.parts.uri, "/a?b=1");
+        assert_eq!(h.parts.headers["host"], "x");
+        assert!(h.close);
+        assert_eq!(h.body_len, 0);
+        let h = plain("POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello").unwrap();
+        assert_eq!((h.body_len, h.close), (5, false));
+    }
+
+    #[test]
+    fn everything_else_goes_to_hyper() {
+        for head in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET http://x/ HTTP/1.1\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nconnection: Upgrade\r\n\r\n",
+            "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 99999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nbad header: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nx: a\x01b\r\n\r\n",
+            "G\x01T / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_head(head.as_bytes(), 8192, 100), Parsed::Other),
+                "{head:?} was taken as plain"
+            );
+        }
+        // Over the limits: hyper (behind the guard) answers 431.
+        let big = format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(9000));
+        assert!(matches!(
+            parse_head(big.as_bytes(), 8192, 100),
+            Parsed::Other
+        ));
+        let partial_big = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(9000));
+        assert!(matches!(
+            parse_head(partial_big.as_bytes(), 8192, 100),
+            Parsed::Other
+        ));
+        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "x: y\r\n".repeat(11));
+        assert!(matches!(
+            parse_head(many.as_bytes(), 8192, 10),
+            Parsed::Other
+        ));
+        assert!(matches!(
+            parse_head(b"GET / HTTP/1.1\r\nho", 8192, 100),
+            Parsed::Partial
+        ));
+    }
+}
