@@ -192,8 +192,17 @@ pub(crate) async fn serve(
     loop {
         let head = loop {
             match parse_head(&buf, max_head, max_headers) {
-                Parsed::Plain(head) if buf.len() >= head.head_len + head.body_len => break head,
-                Parsed::Plain(_) => {}
+                Parsed::Plain(head) => {
+                    // The head timeout does not run while the body comes.
+                    shared.head_done();
+                    while buf.len() < head.head_len + head.body_len {
+                        match read_more(&stream, &mut buf, shared).await {
+                            Ok(0) | Err(_) => return End::Done,
+                            Ok(_) => {}
+                        }
+                    }
+                    break head;
+                }
                 Parsed::Partial if buf.is_empty() => {}
                 Parsed::Partial => shared.head_begun(),
                 Parsed::Other if shared.is_closing() => return End::Done,

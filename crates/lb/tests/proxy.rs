@@ -815,6 +815,23 @@ async fn a_connection_moves_from_the_plain_loop_to_hyper_in_order() {
     );
     assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
 
+    // A body that comes after its head, in pieces.
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhel")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"lo, ").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"you").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        answer.starts_with("HTTP/1.1 200 OK") && answer.ends_with("\r\n\r\nhello, you"),
+        "{answer}"
+    );
+
     // An upgrade after plain requests on one connection: hyper takes over and splices it.
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
