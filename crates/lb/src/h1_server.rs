@@ -35,6 +35,7 @@ use hyper::body::Body as _;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
+use crate::proxy::h1::{has_token, parse_length, put_header, trim};
 use crate::proxy::{ConnCtx, Proxy, ProxyBody};
 
 /// The largest request body this loop reads whole; a larger one goes to hyper, which streams it.
@@ -100,7 +101,9 @@ fn parse_head(buf: &[u8], max_head: usize, max_headers: usize) -> Parsed {
     let Ok(target) = PathAndQuery::try_from(path) else {
         return Parsed::Other;
     };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    // Room for what normalization adds (X-Forwarded-For, X-Forwarded-Proto, X-Request-Id, Host)
+    // without growing the map.
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 4);
     let mut body_len = None;
     let mut close = false;
     for h in req.headers.iter() {
@@ -155,25 +158,6 @@ pub fn plain_request_len(
         Parsed::Plain(h) => Some((h.head_len, h.body_len)),
         Parsed::Partial | Parsed::Other => None,
     }
-}
-
-fn parse_length(b: &[u8]) -> Option<u64> {
-    if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    b.iter().try_fold(0u64, |n, &d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !matches!(c, b' ' | b'\t'));
-    let Some(start) = start else { return &[] };
-    let end = b
-        .iter()
-        .rposition(|c| !matches!(c, b' ' | b'\t'))
-        .unwrap_or(start);
-    &b[start..=end]
 }
 
 /// Serves plain requests on `stream` until it closes, a graceful shutdown asks it to (between
@@ -279,7 +263,7 @@ async fn write_response(
         || status == StatusCode::NOT_MODIFIED;
     let exact = body.size_hint().exact();
     let chunked = !bodiless && exact.is_none();
-    let mut keep = !has_close(&parts.headers);
+    let mut keep = !has_token(&parts.headers, header::CONNECTION, "close");
 
     out.clear();
     out.put_slice(b"HTTP/1.1 ");
@@ -382,22 +366,6 @@ async fn poll_once<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
         })
     })
     .await
-}
-
-fn has_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| trim(t).eq_ignore_ascii_case(b"close"))
-    })
-}
-
-fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
-    out.reserve(name.len() + value.len() + 4);
-    out.put_slice(name);
-    out.put_slice(b": ");
-    out.put_slice(value);
-    out.put_slice(b"\r\n");
 }
 
 #[cfg(test)]

@@ -116,7 +116,7 @@ pub fn write_request_head(
     out.put_slice(b"\r\n");
 }
 
-fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+pub(crate) fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     out.reserve(name.len() + value.len() + 4);
     out.put_slice(name);
     out.put_slice(b": ");
@@ -194,7 +194,8 @@ pub fn read_response_head(
         } else {
             Version::HTTP_11
         };
-        let mut headers = HeaderMap::with_capacity(resp.headers.len());
+        // Room for what the proxy adds (X-Request-Id, a sticky cookie) without growing the map.
+        let mut headers = HeaderMap::with_capacity(resp.headers.len() + 2);
         for h in resp.headers.iter() {
             let name =
                 HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| H1Error::InvalidHeader)?;
@@ -264,7 +265,8 @@ fn framing(
     })
 }
 
-fn parse_length(b: &[u8]) -> Option<u64> {
+/// A `Content-Length` value: decimal digits only, no sign, no spaces.
+pub(crate) fn parse_length(b: &[u8]) -> Option<u64> {
     if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -282,7 +284,8 @@ fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
         .is_some_and(|c| trim(c).eq_ignore_ascii_case(b"chunked"))
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+/// Whether a comma-separated header (`Connection`) lists `token`, in any case.
+pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| {
         v.as_bytes()
             .split(|&b| b == b',')
@@ -290,7 +293,8 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
-fn trim(b: &[u8]) -> &[u8] {
+/// `b` without leading and trailing spaces and tabs.
+pub(crate) fn trim(b: &[u8]) -> &[u8] {
     let start = b.iter().position(|c| !matches!(c, b' ' | b'\t'));
     let Some(start) = start else { return &[] };
     let end = b

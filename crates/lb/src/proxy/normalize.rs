@@ -13,6 +13,8 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 
+use crate::proxy::h1::has_token;
+
 /// `X-Forwarded-For`.
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
@@ -96,11 +98,12 @@ pub fn normalize_request(
 ) -> Result<Normalized, HeadRejection> {
     check_framing(version, headers)?;
 
-    let upgrade = if version == Version::HTTP_11 && connection_has(headers, "upgrade") {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
+    let upgrade =
+        if version == Version::HTTP_11 && has_token(headers, header::CONNECTION, "upgrade") {
+            headers.get(header::UPGRADE).cloned()
+        } else {
+            None
+        };
     // CONNECT would make the proxy a generic tunnel; it is not forwarded as an upgrade.
     let upgrade = upgrade.filter(|_| method != Method::CONNECT);
 
@@ -225,15 +228,6 @@ fn check_framing(version: Version, headers: &HeaderMap) -> Result<(), HeadReject
         }
     }
     Ok(())
-}
-
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -146,11 +146,8 @@ struct Idle<C> {
 struct IdleMap<C>(HashMap<String, Vec<Idle<C>>>);
 
 impl<C: Pooled> IdleMap<C> {
-    fn put(&mut self, addr: &str, conn: C) {
-        let idle = Idle {
-            conn,
-            since: Instant::now(),
-        };
+    fn put(&mut self, addr: &str, conn: C, now: Instant) {
+        let idle = Idle { conn, since: now };
         match self.0.get_mut(addr) {
             Some(list) if list.len() >= MAX_IDLE_PER_INSTANCE => {}
             Some(list) => list.push(idle),
@@ -195,11 +192,11 @@ struct IdleLists {
 
 impl IdleLists {
     /// Closes connections past the idle timeout, at most once per timeout.
-    fn sweep_now_and_then(&mut self, timeout: Duration) {
-        if self.swept.elapsed() >= timeout {
+    fn sweep_now_and_then(&mut self, timeout: Duration, now: Instant) {
+        if now.saturating_duration_since(self.swept) >= timeout {
             self.hyper.sweep(timeout);
             self.raw.sweep(timeout);
-            self.swept = Instant::now();
+            self.swept = now;
         }
     }
 }
@@ -243,9 +240,10 @@ impl Drop for Lent {
         if let Some(sender) = self.sender.take()
             && !sender.is_closed()
         {
+            let now = Instant::now();
             let mut idle = self.pool.lock();
-            idle.sweep_now_and_then(self.pool.idle_timeout);
-            idle.hyper.put(&self.addr, sender);
+            idle.sweep_now_and_then(self.pool.idle_timeout, now);
+            idle.hyper.put(&self.addr, sender, now);
         }
     }
 }
@@ -268,9 +266,10 @@ impl UpstreamPool {
     }
 
     fn put_raw(&self, addr: &str, conn: RawConn) {
+        let now = Instant::now();
         let mut idle = self.lock();
-        idle.sweep_now_and_then(self.idle_timeout);
-        idle.raw.put(addr, conn);
+        idle.sweep_now_and_then(self.idle_timeout, now);
+        idle.raw.put(addr, conn, now);
     }
 
     async fn open(&self, addr: &str) -> Result<TcpStream, UpstreamError> {
