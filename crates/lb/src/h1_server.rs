@@ -174,32 +174,51 @@ pub(crate) async fn serve(
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
     loop {
+        let mut parse = true;
+        let mut begun = false;
         let head = loop {
-            match parse_head(&buf, max_head, max_headers) {
-                Parsed::Plain(head) => {
-                    // The head timeout does not run while the body comes.
-                    shared.head_done();
-                    while buf.len() < head.head_len + head.body_len {
-                        match read_more(&stream, &mut buf, shared).await {
-                            Ok(0) | Err(_) => return End::Done,
-                            Ok(_) => {}
+            if parse {
+                match parse_head(&buf, max_head, max_headers) {
+                    Parsed::Plain(head) => {
+                        // The head timeout does not run while the body comes; the idle timeout
+                        // cuts a body that stalls (the request is not in flight yet).
+                        shared.head_done();
+                        while buf.len() < head.head_len + head.body_len {
+                            match read_more(&stream, &mut buf, shared, Wait::Body).await {
+                                Ok(0) | Err(_) => return End::Done,
+                                Ok(_) => {}
+                            }
                         }
+                        break head;
                     }
-                    break head;
+                    Parsed::Partial => {}
+                    Parsed::Other if shared.is_closing() => return End::Done,
+                    Parsed::Other => {
+                        // The guard restarts the head timeout from its own view of these bytes.
+                        shared.head_done();
+                        return End::HandOver(stream, buf);
+                    }
                 }
-                Parsed::Partial if buf.is_empty() => {}
-                Parsed::Partial => shared.head_begun(),
-                Parsed::Other if shared.is_closing() => return End::Done,
-                Parsed::Other => {
-                    // The guard restarts the head timeout from its own view of these bytes.
-                    shared.head_done();
-                    return End::HandOver(stream, buf);
-                }
+            } else if buf.len() > max_head {
+                // Too large before it even ended: the guard answers 431.
+                shared.head_done();
+                return End::HandOver(stream, buf);
             }
-            match read_more(&stream, &mut buf, shared).await {
+            let before = buf.len();
+            match read_more(&stream, &mut buf, shared, Wait::Head).await {
                 Ok(0) | Err(_) => return End::Done,
                 Ok(_) => {}
             }
+            let new = &buf[before..];
+            // Empty lines between requests do not start the head timeout (nor do they for the
+            // guard); the first other byte does.
+            if !begun && new.iter().any(|&b| b != b'\r' && b != b'\n') {
+                begun = true;
+                shared.head_begun();
+            }
+            // A head can only end at a line feed: parsing again on every byte of a head sent
+            // byte by byte would cost its length squared.
+            parse = new.contains(&b'\n');
         };
         shared.head_done();
         buf.advance(head.head_len);
@@ -209,27 +228,82 @@ pub(crate) async fn serve(
             buf.split_to(head.body_len).freeze()
         };
         let head_request = head.parts.method == Method::HEAD;
-        let resp = proxy.handle_plain(head.parts, body, ctx).await;
+        let resp = {
+            let forward = proxy.handle_plain(head.parts, body, ctx);
+            tokio::pin!(forward);
+            let limit = max_head + MAX_PLAIN_BODY as usize;
+            tokio::select! {
+                biased;
+                resp = &mut forward => resp,
+                // A client that goes away cancels its request, as with hyper (no half-close):
+                // the instance's answer would go nowhere, and the request stops counting as
+                // in flight.
+                () = client_gone(&stream, &mut buf, limit) => return End::Done,
+            }
+        };
         let close = head.close || shared.is_closing();
         match write_response(&mut stream, &mut out, resp, head_request, close, shared).await {
             Ok(true) if !close => {}
-            _ => return End::Done,
+            Ok(_) => {
+                // Closing after a complete answer: FIN first, so the client reads it all.
+                let _ = stream.shutdown().await;
+                return End::Done;
+            }
+            Err(_) => return End::Done,
         }
     }
 }
 
+/// What a read waits for, which decides whether a close request stops it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// The next head: a close request stops the wait while nothing of it has come (the head
+    /// timeout covers one that has begun).
+    Head,
+    /// The rest of a body: a close request (the idle timeout, shutdown) stops the wait.
+    Body,
+}
+
+/// Resolves when the client closes its side of the connection (or it fails) while its request
+/// is in flight. What it sends meanwhile (a pipelined request) is kept in `buf`, up to `limit`
+/// bytes; past that, this stops reading.
+async fn client_gone(stream: &TcpStream, buf: &mut BytesMut, limit: usize) {
+    std::future::poll_fn(|cx| {
+        loop {
+            if buf.len() >= limit {
+                return Poll::Pending;
+            }
+            if buf.capacity() - buf.len() < READ_MIN_SPARE {
+                buf.reserve(READ_RESERVE);
+            }
+            match stream.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => {}
+            }
+            match stream.try_read_buf(buf) {
+                Ok(0) => return Poll::Ready(()),
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(()),
+                Ok(_) | Err(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
 /// Reads more into `buf`; `Ok(0)` at the client's end of stream, and also when the connection
-/// is idle (nothing buffered) and asked to close.
+/// is asked to close while waiting (see [`Wait`]).
 async fn read_more(
     stream: &TcpStream,
     buf: &mut BytesMut,
     shared: &crate::proxy::framing::ConnShared,
+    wait: Wait,
 ) -> io::Result<usize> {
     if buf.capacity() - buf.len() < READ_MIN_SPARE {
         buf.reserve(READ_RESERVE);
     }
     let n = std::future::poll_fn(|cx| {
-        if buf.is_empty() && shared.is_closing() {
+        if shared.is_closing() && (wait == Wait::Body || buf.is_empty()) {
             return Poll::Ready(Ok(0));
         }
         loop {

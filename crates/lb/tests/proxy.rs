@@ -281,6 +281,37 @@ async fn idle_connections_and_stalled_heads_are_closed() {
         matches!(rest, Ok(Ok(0)) | Ok(Err(_))),
         "stalled head not cut: {rest:?}"
     );
+    // A body that stops short of its length: nothing moves, the idle timeout cuts it.
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")
+        .await
+        .unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(
+        matches!(rest, Ok(Ok(0)) | Ok(Err(_))),
+        "stalled body not cut: {rest:?}"
+    );
+}
+
+/// A client that goes away while its request waits on the instance cancels it: the request
+/// stops counting as in flight long before the instance would have answered.
+#[tokio::test]
+async fn a_client_that_disconnects_cancels_its_request() {
+    let a = Backend::start("a");
+    let lb = Lb::start("[health]\nenabled = false\n", &[&a]).await;
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"GET /slow?ms=4000 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(2), "the request in flight", || async {
+        lb.instance("a").await["in_flight"] == 1
+    })
+    .await;
+    drop(s);
+    eventually(Duration::from_secs(2), "the request cancelled", || async {
+        lb.instance("a").await["in_flight"] == 0
+    })
+    .await;
 }
 
 #[tokio::test]

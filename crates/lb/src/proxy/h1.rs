@@ -203,6 +203,7 @@ pub fn read_response_head(
             headers.append(name, value);
         }
         let framing = framing(method, status, version, &headers)?;
+        one_content_length(&mut headers);
         let reusable = version == Version::HTTP_11
             && framing != Framing::UntilClose
             && !has_token(&headers, header::CONNECTION, "close");
@@ -273,6 +274,30 @@ pub(crate) fn parse_length(b: &[u8]) -> Option<u64> {
     b.iter().try_fold(0u64, |n, &d| {
         n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
     })
+}
+
+/// Several equal `Content-Length`s (lines, or a list in one line) become one line: what the
+/// proxy passes on is never a list that some clients refuse. Lengths that differ are left for
+/// the framing rules (refused, except on bodiless responses, where they mean nothing).
+fn one_content_length(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (None, _) => return,
+        (Some(v), None) if !v.as_bytes().contains(&b',') => return,
+        _ => {}
+    }
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            match parse_length(trim(part)) {
+                Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
+                _ => return,
+            }
+        }
+    }
+    if let Some(n) = length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
 }
 
 fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
@@ -527,6 +552,14 @@ mod tests {
             ok("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n"),
             (Framing::Length(5), true)
         );
+        for repeated in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nContent-Length: 5\r\n\r\n",
+        ] {
+            let h = head(repeated, Method::GET).unwrap().unwrap();
+            let lengths: Vec<_> = h.headers.get_all("content-length").iter().collect();
+            assert_eq!(lengths, ["5"], "passed on as one line");
+        }
         assert_eq!(
             ok("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
             (Framing::Chunked, true)
