@@ -261,13 +261,8 @@ async fn idle_connections_and_stalled_heads_are_closed() {
     )
     .await;
     // Idle keep-alive: one request, then nothing; the balancer closes the connection.
-    let mut s = TcpStream::connect(lb.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let (mut s, _) = get_one(lb.addr).await;
     let mut buf = vec![0u8; 4096];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     let rest = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
     assert!(
         matches!(rest, Ok(Ok(0))),
@@ -312,6 +307,19 @@ async fn a_client_that_disconnects_cancels_its_request() {
         lb.instance("a").await["in_flight"] == 0
     })
     .await;
+}
+
+/// A raw connection that has sent one `GET /` and read its `200` answer.
+async fn get_one(addr: std::net::SocketAddr) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    (s, answer)
 }
 
 #[tokio::test]
@@ -864,17 +872,7 @@ async fn a_connection_moves_from_the_plain_loop_to_hyper_in_order() {
     );
 
     // An upgrade after plain requests on one connection: hyper takes over and splices it.
-    let mut s = TcpStream::connect(lb.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(
-        buf[..n].starts_with(b"HTTP/1.1 200 OK"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
-    );
+    let (mut s, _) = get_one(lb.addr).await;
     s.write_all(
         b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
           sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
