@@ -309,6 +309,34 @@ async fn a_client_that_disconnects_cancels_its_request() {
     .await;
 }
 
+/// An upgrade the instance declines ends the connection after its answer: the framing guard let
+/// go of the connection at the upgrade request, so no request after it is served unjudged.
+#[tokio::test]
+async fn a_declined_upgrade_closes_the_connection() {
+    let a = Backend::start("a");
+    let lb = Lb::start("", &[&a]).await;
+    let started = std::time::Instant::now();
+    let answer = raw(
+        lb.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: foo\r\n\r\n\
+          GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "not closed: {answer}"
+    );
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 1, "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    // A bare `Upgrade` header is enough for the guard to let go, so it closes too.
+    let answer = raw(
+        lb.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\nupgrade: foo\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 1, "{answer}");
+}
+
 /// A raw connection that has sent one `GET /` and read its `200` answer.
 async fn get_one(addr: std::net::SocketAddr) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();

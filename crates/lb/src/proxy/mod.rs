@@ -162,6 +162,13 @@ impl Proxy {
             return Ok(self.reject(status, reason, req.version()));
         }
         let (mut parts, body) = req.into_parts();
+        // The framing guard stops following an HTTP/1 connection at a request that may upgrade
+        // it (any `Upgrade` header, or CONNECT in any case): the bytes after it may be a tunnel.
+        // Answered with anything but a 101, the connection would go on with requests the guard
+        // no longer judges, so it closes after that answer instead.
+        let guard_let_go = parts.version <= Version::HTTP_11
+            && (parts.headers.contains_key(header::UPGRADE)
+                || parts.method.as_str().eq_ignore_ascii_case("CONNECT"));
         let norm = match self.prepare(&mut parts, &conn) {
             Ok(n) => n,
             Err(r) => return Ok(self.reject(r.status().as_u16(), r.reason(), parts.version)),
@@ -188,9 +195,14 @@ impl Proxy {
         } else {
             BodySource::streamed(body)
         };
-        Ok(self
+        let mut resp = self
             .forward(parts, norm, source, client_upgrade, conn_req, &conn)
-            .await)
+            .await;
+        if guard_let_go && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok(resp)
     }
 
     /// Serves one plain HTTP/1.1 request read by the lb's own connection loop (`h1_server`):
