@@ -231,6 +231,13 @@ impl Backend {
 #[derive(Debug)]
 pub(crate) struct InFlight(Arc<Backend>);
 
+impl InFlight {
+    /// The instance the request is on.
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.0
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {

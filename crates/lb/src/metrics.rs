@@ -21,7 +21,8 @@ const BUCKETS: [f64; 13] = [
 pub(crate) struct BackendMetrics {
     /// Attempts sent to the instance (retries included).
     pub(crate) requests: AtomicU64,
-    /// Attempts that failed: no connection, reset, timeout, or a 5xx answer.
+    /// Attempts that failed: no connection, reset, timeout, a 5xx answer, or a response body
+    /// that broke off.
     pub(crate) errors: AtomicU64,
     /// Retries of requests that failed on this instance.
     pub(crate) retries: AtomicU64,
@@ -101,7 +102,7 @@ pub(crate) fn render(lb: &LbMetrics, backends: &[std::sync::Arc<Backend>]) -> St
         (
             "statehouse_lb_errors_total",
             "counter",
-            "Attempts that failed: no connection, reset, timeout or a 5xx answer.",
+            "Attempts that failed: no connection, reset, timeout, a 5xx answer, or a response body that broke off.",
             |b| get(&b.metrics.errors),
         ),
         (

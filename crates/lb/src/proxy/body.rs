@@ -120,8 +120,9 @@ impl Body for UpstreamBody {
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
-    /// Released after the last byte (or when the client goes away).
-    _guards: Option<Guards>,
+    /// Released after the last byte, a failure (counted as the instance's error), or when the
+    /// client goes away.
+    guards: Option<Guards>,
 }
 
 /// What a response body holds until its last byte: the instance's in-flight count, the client
@@ -139,7 +140,7 @@ impl ProxyBody {
     pub(crate) fn full(b: impl Into<Bytes>) -> Self {
         Self {
             kind: Kind::Full(Some(b.into())),
-            _guards: None,
+            guards: None,
         }
     }
 
@@ -147,7 +148,7 @@ impl ProxyBody {
     pub(crate) fn upstream(b: Incoming, guards: Guards) -> Self {
         Self {
             kind: Kind::Upstream(b),
-            _guards: Some(guards),
+            guards: Some(guards),
         }
     }
 
@@ -159,7 +160,7 @@ impl ProxyBody {
                 RawResponseBody::Whole(b) => Kind::Full(Some(b)),
                 RawResponseBody::Streaming(b) => Kind::Raw(b),
             },
-            _guards: Some(guards),
+            guards: Some(guards),
         }
     }
 }
@@ -184,8 +185,16 @@ impl Body for ProxyBody {
                 .map(|f| f.map(|r| r.map_err(BoxError::from))),
             Kind::Raw(b) => b.poll_frame(cx),
         };
-        if let Poll::Ready(None) = r {
-            this._guards = None;
+        match &r {
+            Poll::Ready(None) => this.guards = None,
+            Poll::Ready(Some(Err(_))) => {
+                // The instance's body broke off: a failed attempt, though its head was fine.
+                if let Some((in_flight, _, _)) = &this.guards {
+                    crate::metrics::inc(&in_flight.backend().metrics.errors);
+                }
+                this.guards = None;
+            }
+            _ => {}
         }
         r
     }
