@@ -35,6 +35,7 @@ use hyper::body::Body as _;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
+use crate::net::poll_read_into;
 use crate::proxy::h1::{has_token, parse_length, put_header, trim};
 use crate::proxy::{ConnCtx, Proxy, ProxyBody};
 
@@ -42,9 +43,8 @@ use crate::proxy::{ConnCtx, Proxy, ProxyBody};
 pub(crate) const MAX_PLAIN_BODY: u64 = 64 * 1024;
 /// Header slots parsed on the stack; a head with more goes to hyper.
 const STACK_HEADERS: usize = 100;
-/// Read-buffer space allocated at a time, once less than [`READ_MIN_SPARE`] is left.
-const READ_RESERVE: usize = 4096;
-const READ_MIN_SPARE: usize = 512;
+/// Read-buffer space allocated at a time (see [`crate::net::poll_read_into`]).
+const READ_CHUNK: usize = 4096;
 /// Response bytes gathered before a write while a body streams.
 const WRITE_BATCH: usize = 16 * 1024;
 
@@ -273,18 +273,9 @@ async fn client_gone(stream: &TcpStream, buf: &mut BytesMut, limit: usize) {
             if buf.len() >= limit {
                 return Poll::Pending;
             }
-            if buf.capacity() - buf.len() < READ_MIN_SPARE {
-                buf.reserve(READ_RESERVE);
-            }
-            match stream.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(())) => {}
-            }
-            match stream.try_read_buf(buf) {
-                Ok(0) => return Poll::Ready(()),
-                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(()),
-                Ok(_) | Err(_) => {}
+            match ready!(poll_read_into(stream, cx, buf, READ_CHUNK)) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(_) => {}
             }
         }
     })
@@ -299,20 +290,11 @@ async fn read_more(
     shared: &crate::proxy::framing::ConnShared,
     wait: Wait,
 ) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_MIN_SPARE {
-        buf.reserve(READ_RESERVE);
-    }
     let n = std::future::poll_fn(|cx| {
         if shared.is_closing() && (wait == Wait::Body || buf.is_empty()) {
             return Poll::Ready(Ok(0));
         }
-        loop {
-            ready!(stream.poll_read_ready(cx))?;
-            match stream.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-        }
+        poll_read_into(stream, cx, buf, READ_CHUNK)
     })
     .await?;
     shared.touch();

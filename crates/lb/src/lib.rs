@@ -56,6 +56,7 @@ mod error;
 pub mod h1_server;
 pub mod health;
 mod metrics;
+mod net;
 pub mod proxy;
 pub mod selection;
 mod server;

@@ -195,13 +195,7 @@ pub fn read_response_head(
             Version::HTTP_11
         };
         // Room for what the proxy adds (X-Request-Id, a sticky cookie) without growing the map.
-        let mut headers = HeaderMap::with_capacity(resp.headers.len() + 2);
-        for h in resp.headers.iter() {
-            let name =
-                HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| H1Error::InvalidHeader)?;
-            let value = HeaderValue::from_bytes(h.value).map_err(|_| H1Error::InvalidHeader)?;
-            headers.append(name, value);
-        }
+        let mut headers = header_map(resp.headers, 2)?;
         let framing = framing(method, status, version, &headers)?;
         one_content_length(&mut headers);
         let reusable = version == Version::HTTP_11
@@ -216,6 +210,17 @@ pub fn read_response_head(
             reusable,
         }));
     }
+}
+
+/// Parsed header lines as a map with room for `extra` more.
+fn header_map(fields: &[httparse::Header<'_>], extra: usize) -> Result<HeaderMap, H1Error> {
+    let mut map = HeaderMap::with_capacity(fields.len() + extra);
+    for h in fields {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| H1Error::InvalidHeader)?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| H1Error::InvalidHeader)?;
+        map.append(name, value);
+    }
+    Ok(map)
 }
 
 /// The body framing of a final response (RFC 9112 §6.3; see the module docs).
@@ -456,14 +461,7 @@ impl BodyDecoder {
                     let mut storage = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
                     return match httparse::parse_headers(buf, &mut storage) {
                         Ok(httparse::Status::Complete((len, fields))) => {
-                            let mut trailers = HeaderMap::with_capacity(fields.len());
-                            for h in fields {
-                                let name = HeaderName::from_bytes(h.name.as_bytes())
-                                    .map_err(|_| H1Error::InvalidHeader)?;
-                                let value = HeaderValue::from_bytes(h.value)
-                                    .map_err(|_| H1Error::InvalidHeader)?;
-                                trailers.append(name, value);
-                            }
+                            let trailers = header_map(fields, 0)?;
                             buf.advance(len);
                             self.state = DecodeState::Done;
                             Ok(Decoded::Trailers(trailers))

@@ -38,7 +38,7 @@ use http::{Method, Request, Response};
 use hyper::body::{Frame, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -73,11 +73,9 @@ impl fmt::Display for UpstreamError {
     }
 }
 
-/// Read-buffer space allocated at a time for reads from an instance ...
-const READ_RESERVE: usize = 8 * 1024;
-/// ... once less than this is left: small responses share one allocation (the bodies handed
-/// on keep their part of it alive), instead of one each.
-const READ_MIN_SPARE: usize = 1024;
+/// Read-buffer space allocated at a time for reads from an instance (see
+/// [`crate::net::poll_read_into`]).
+const READ_CHUNK: usize = 8 * 1024;
 
 /// A connection of the in-task exchange: the stream and what has been read of it but not yet
 /// taken. Idle in the pool only when that is nothing.
@@ -101,22 +99,9 @@ impl RawConn {
         }
     }
 
-    fn make_room(&mut self) {
-        if self.buf.capacity() - self.buf.len() < READ_MIN_SPARE {
-            self.buf.reserve(READ_RESERVE);
-        }
-    }
-
     /// Reads more of the response into the buffer; `Ok(0)` when the instance closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.make_room();
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            match self.stream.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-        }
+        crate::net::poll_read_into(&self.stream, cx, &mut self.buf, READ_CHUNK)
     }
 }
 
@@ -326,10 +311,7 @@ impl UpstreamPool {
             {
                 break head;
             }
-            conn.make_room();
-            if conn
-                .stream
-                .read_buf(&mut conn.buf)
+            if std::future::poll_fn(|cx| conn.poll_fill(cx))
                 .await
                 .map_err(exchange)?
                 == 0
