@@ -281,6 +281,11 @@ pub struct TimeoutConfig {
     /// From sending a request to an instance to receiving its response head.
     #[serde(default = "d_30s", deserialize_with = "de_duration")]
     pub upstream_response: Duration,
+    /// Once a response is on its way to the client, the connection is cut when none of its
+    /// bytes has moved for this long: an instance that stops sending its body, or a client
+    /// that stops reading it (nginx's `proxy_read_timeout` and `send_timeout` in one).
+    #[serde(default = "d_60s", deserialize_with = "de_duration")]
+    pub response_stall: Duration,
     /// Pooled keep-alive connections to instances are closed after this long unused.
     #[serde(default = "d_60s", deserialize_with = "de_duration")]
     pub upstream_idle: Duration,
@@ -293,6 +298,7 @@ impl Default for TimeoutConfig {
             request_head: d_10s(),
             idle: d_60s(),
             upstream_response: d_30s(),
+            response_stall: d_60s(),
             upstream_idle: d_60s(),
         }
     }
@@ -514,6 +520,7 @@ impl LbConfig {
             ("timeouts.request_head", t.request_head),
             ("timeouts.idle", t.idle),
             ("timeouts.upstream_response", t.upstream_response),
+            ("timeouts.response_stall", t.response_stall),
             ("timeouts.upstream_idle", t.upstream_idle),
         ] {
             if v.is_zero() {
@@ -779,6 +786,10 @@ mod tests {
             "limits.max_head_bytes"
         );
         assert_eq!(key_of("workers = 5000"), "workers");
+        assert_eq!(
+            key_of("[timeouts]\nresponse_stall = \"0s\""),
+            "timeouts.response_stall"
+        );
     }
 
     #[test]

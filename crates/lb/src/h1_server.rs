@@ -405,11 +405,18 @@ async fn flush(
     out: &mut BytesMut,
     shared: &crate::proxy::framing::ConnShared,
 ) -> io::Result<()> {
-    if !out.is_empty() {
-        stream.write_all(out).await?;
-        out.clear();
+    // Each write that moves bytes is activity: a slow client reading a long response is not
+    // a stalled one.
+    let mut written = 0;
+    while written < out.len() {
+        let n = stream.write(&out[written..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        written += n;
         shared.touch();
     }
+    out.clear();
     Ok(())
 }
 

@@ -71,6 +71,8 @@ pub(crate) struct LbMetrics {
     /// Requests refused before forwarding: 400 (malformed or smuggling) and 431 (too large).
     pub(crate) rejected_400: AtomicU64,
     pub(crate) rejected_431: AtomicU64,
+    /// Client connections cut because a response on them stopped moving.
+    pub(crate) response_stalls: AtomicU64,
 }
 
 struct Family<'a> {
@@ -196,6 +198,12 @@ pub(crate) fn render(lb: &LbMetrics, backends: &[std::sync::Arc<Backend>]) -> St
             "statehouse_lb_broken_pins_all_total",
             "Sticky pins broken, whichever instance they named.",
             get(&lb.broken_pins),
+        ),
+        (
+            "statehouse_lb_response_stalls_total",
+            "Client connections cut because a response on them stopped moving \
+             (timeouts.response_stall).",
+            get(&lb.response_stalls),
         ),
     ] {
         f.head(name, "counter", help);

@@ -282,7 +282,16 @@ async fn serve_connection(
         tokio::pin!(own);
         // Its loop reads the flag `watched` sets; nothing more to tell it.
         let closing = |_: Pin<&mut _>| {};
-        watched(own, closing, &shared, t, &mut shutdown, &mut cut).await
+        watched(
+            own,
+            closing,
+            &shared,
+            &proxy.metrics,
+            t,
+            &mut shutdown,
+            &mut cut,
+        )
+        .await
     };
     let (stream, read) = match handed_over {
         Some(End::HandOver(stream, read)) => (stream, read),
@@ -298,6 +307,8 @@ async fn serve_connection(
         Arc::clone(&shared),
     );
     drop(read);
+    let metrics = Arc::clone(&proxy.metrics);
+    let metrics = &*metrics;
     let service =
         hyper::service::service_fn(move |req| Arc::clone(&proxy).handle(req, Arc::clone(&ctx)));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -305,24 +316,27 @@ async fn serve_connection(
     let graceful = |c: Pin<&mut _>| {
         hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(c)
     };
-    if let Some(Err(e)) = watched(conn, graceful, &shared, t, &mut shutdown, &mut cut).await {
+    if let Some(Err(e)) =
+        watched(conn, graceful, &shared, metrics, t, &mut shutdown, &mut cut).await
+    {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
 }
 
 /// Runs a client connection's future under the watchdog: shutdown and the idle timeout ask it
-/// to close gracefully (`graceful`), the drain deadline and the head timeout drop it. Its output,
-/// or `None` if the watchdog dropped it.
+/// to close gracefully (`graceful`), the drain deadline, the head timeout and the response stall
+/// timeout drop it. Its output, or `None` if the watchdog dropped it.
 async fn watched<F: Future>(
     mut conn: Pin<&mut F>,
     mut graceful: impl FnMut(Pin<&mut F>),
     shared: &ConnShared,
+    metrics: &crate::metrics::LbMetrics,
     t: &crate::config::TimeoutConfig,
     shutdown: &mut watch::Receiver<bool>,
     cut: &mut watch::Receiver<bool>,
 ) -> Option<F::Output> {
-    let period =
-        (t.idle.min(t.request_head) / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let period = (t.idle.min(t.request_head).min(t.response_stall) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
     let mut closing = shared.is_closing();
     // The connection is polled on every wake-up (each request wakes it a few times); the
@@ -358,6 +372,16 @@ async fn watched<F: Future>(
             Event::Tick => {
                 if shared.head_for().is_some_and(|h| h >= t.request_head) {
                     tracing::debug!("request head timeout");
+                    return None;
+                }
+                if shared
+                    .response_stalled_for()
+                    .is_some_and(|s| s >= t.response_stall)
+                {
+                    // Dropping the connection drops the response body, whose instance
+                    // connection closes with it.
+                    tracing::debug!("response stalled");
+                    crate::metrics::inc(&metrics.response_stalls);
                     return None;
                 }
                 let idle =

@@ -503,7 +503,7 @@ async fn the_drain_deadline_cuts_what_is_left() {
 }
 
 /// A hand-written instance on a raw socket, so a test controls its connections: it answers
-/// every request `200 ok` (reading a `Content-Length` body first) and, with `close_after`
+/// every request `200 ok` (reading a `Content-Length` or chunked body first) and, with `close_after`
 /// set, closes the connection that long after each answer without having said so (no
 /// `Connection: close`), as an instance with a short keep-alive idle timeout does. It
 /// counts the connections that carried a request to `/pool` and those requests.
@@ -570,6 +570,21 @@ impl RawInstance {
                             .find_map(|l| l.strip_prefix("content-length:"))
                             .and_then(|v| v.trim().parse().ok())
                             .unwrap_or(0);
+                        // A chunked body (no trailers) ends at its last chunk.
+                        let length = if head.contains("transfer-encoding: chunked") {
+                            loop {
+                                if let Some(p) =
+                                    buf[end..].windows(5).position(|w| w == b"0\r\n\r\n")
+                                {
+                                    break p + 5;
+                                }
+                                if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                            }
+                        } else {
+                            length
+                        };
                         while buf.len() < end + length {
                             if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
                                 return;
@@ -609,8 +624,13 @@ impl RawInstance {
     /// A balancer in front of this instance alone: one worker, so one pool, and no active
     /// checks, whose probes would open connections of their own.
     async fn balancer(&self) -> Lb {
+        self.balancer_with("").await
+    }
+
+    /// [`Self::balancer`] with more configuration (tables only).
+    async fn balancer_with(&self, more: &str) -> Lb {
         let toml = format!(
-            "workers = 1\n[health]\nenabled = false\n\n[[instances]]\nname = \"raw\"\naddr = \"{}\"\n",
+            "workers = 1\n[health]\nenabled = false\n\n[[instances]]\nname = \"raw\"\naddr = \"{}\"\n{more}",
             self.addr
         );
         Lb::start_with(statehouse_lb::LbConfig::from_toml_str(&toml).unwrap()).await
@@ -914,4 +934,117 @@ async fn a_connection_moves_from_the_plain_loop_to_hyper_in_order() {
         "{}",
         String::from_utf8_lossy(&buf[..n])
     );
+}
+
+/// A response whose bytes stop moving is cut after `timeouts.response_stall`, whether the
+/// instance stops sending its body (on the plain loop, on hyper's connection, and with the
+/// request on either upstream path) or the client stops reading; the request ends with it. A
+/// response that keeps moving, however slowly, is not cut, nor is an instance that takes longer
+/// than the stall timeout to answer at all.
+#[tokio::test]
+async fn a_response_that_stops_moving_is_cut() {
+    // Sent in full to a client that reads none of it: far more than the socket buffers hold.
+    let big: &'static [u8] = {
+        let mut v = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 64 << 20).into_bytes();
+        v.resize(v.len() + (64 << 20), b'x');
+        Vec::leak(v)
+    };
+    let (instance, lb) = {
+        let instance = RawInstance::scripted(std::sync::Arc::new(move |head: &str| {
+            let line = head.lines().next().unwrap_or_default();
+            let path = line.split(' ').nth(1).unwrap_or_default();
+            match path {
+                "/pool/stall" => vec![
+                    Step::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello"),
+                    Step::Sleep(Duration::from_secs(60)),
+                ],
+                "/pool/trickle" => {
+                    let mut steps = vec![Step::Send(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                    )];
+                    for _ in 0..6 {
+                        steps.push(Step::Sleep(Duration::from_millis(250)));
+                        steps.push(Step::Send(b"1\r\n.\r\n"));
+                    }
+                    steps.push(Step::Send(b"0\r\n\r\n"));
+                    steps
+                }
+                "/pool/late" => vec![Step::Sleep(Duration::from_millis(2500)), Step::Send(OK)],
+                "/pool/big" => vec![Step::Send(big)],
+                _ => vec![Step::Send(OK)],
+            }
+        }))
+        .await;
+        let lb = instance
+            .balancer_with("[timeouts]\nresponse_stall = \"1s\"\n")
+            .await;
+        (instance, lb)
+    };
+    let stalls = "statehouse_lb_response_stalls_total";
+
+    // The instance stops mid-body. HTTP/1.1 GET: the plain loop, raw upstream; HTTP/1.0: hyper's
+    // connection, raw upstream; a chunked request body: hyper's connection and hyper's client.
+    let requests: [&[u8]; 3] = [
+        b"GET /pool/stall HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET /pool/stall HTTP/1.0\r\nhost: x\r\n\r\n",
+        b"POST /pool/stall HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    ];
+    for (i, request) in requests.into_iter().enumerate() {
+        let started = std::time::Instant::now();
+        let answer = raw(lb.addr, request).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "request {i}: not cut: {answer}"
+        );
+        assert!(answer.starts_with("HTTP/1."), "request {i}: {answer}");
+        assert!(answer.ends_with("\r\n\r\nhello"), "request {i}: {answer}");
+        assert_eq!(lb.metric(stalls).await, i as u64 + 1, "request {i}");
+    }
+
+    // A body that keeps moving, a byte every 250 ms for 1.5 s, arrives whole; an answer that
+    // takes 2.5 s to begin is the upstream response timeout's business, not a stall.
+    let answer = raw(
+        lb.addr,
+        b"GET /pool/trickle HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.ends_with("1\r\n.\r\n0\r\n\r\n"), "{answer}");
+    assert_eq!(answer.matches("1\r\n.\r\n").count(), 6, "{answer}");
+    let answer = raw(
+        lb.addr,
+        b"GET /pool/late HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+    assert_eq!(lb.metric(stalls).await, 3);
+
+    // A client that reads nothing of a long response: cut, and its request ends.
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"GET /pool/big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the unread response cut",
+        || async { lb.metric(stalls).await == 4 },
+    )
+    .await;
+    eventually(Duration::from_secs(5), "the request ended", || async {
+        lb.instance("raw").await["in_flight"] == 0
+    })
+    .await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the connection stayed open");
+    assert!(got < big.len(), "all {got} bytes arrived");
+    drop(instance);
 }

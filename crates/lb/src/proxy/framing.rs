@@ -391,6 +391,9 @@ pub(crate) struct ConnShared {
     head_started: AtomicU64,
     /// Requests of this connection in flight (the idle timeout waits for zero).
     pub(crate) in_flight: AtomicU64,
+    /// Of those, the ones whose response is on its way to the client (the response stall
+    /// timeout watches them).
+    responding: AtomicU64,
     /// Set when the connection is to close once the request in progress (if any) is answered.
     closing: AtomicBool,
     epoch: Instant,
@@ -403,6 +406,7 @@ impl ConnShared {
             last_activity: AtomicU64::new(0),
             head_started: AtomicU64::new(u64::MAX),
             in_flight: AtomicU64::new(0),
+            responding: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             epoch: Instant::now(),
         }
@@ -446,6 +450,23 @@ impl ConnShared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop_front()
+    }
+
+    /// A response began on its way to the client. Counts as activity: the time the instance
+    /// took to answer is not the response's stall.
+    pub(crate) fn response_begun(&self) {
+        self.responding.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+    }
+
+    /// A response [`Self::response_begun`] counted has ended, however.
+    pub(crate) fn response_ended(&self) {
+        self.responding.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// How long nothing has moved while a response is on its way; `None` when none is.
+    pub(crate) fn response_stalled_for(&self) -> Option<std::time::Duration> {
+        (self.responding.load(Ordering::Acquire) > 0).then(|| self.idle_for())
     }
 
     /// How long nothing has moved.
@@ -568,14 +589,25 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
     }
 }
 
+impl<T> GuardedIo<T> {
+    /// Bytes that went out are activity; a write the client is not ready for is not (a client
+    /// that stops reading a response must look stalled).
+    fn wrote(&self, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.shared.touch();
+        }
+        written
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.shared.touch();
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(written)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -591,8 +623,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.shared.touch();
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(written)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -78,20 +78,40 @@ pub(crate) struct Lifecycle {
     pub(crate) done: mpsc::Sender<()>,
 }
 
-/// Marks a request in flight on its client connection (the idle timeout waits for zero).
+/// Marks a request in flight on its client connection (the idle timeout waits for zero), and
+/// once its response is under way, that response (the response stall timeout watches it).
 #[derive(Debug)]
-pub(crate) struct ConnRequest(Arc<ConnShared>);
+pub(crate) struct ConnRequest {
+    shared: Arc<ConnShared>,
+    responding: bool,
+}
 
 impl ConnRequest {
     fn new(shared: &Arc<ConnShared>) -> Self {
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
-        Self(Arc::clone(shared))
+        Self {
+            shared: Arc::clone(shared),
+            responding: false,
+        }
+    }
+
+    /// The instance's response is on its way to the client: from now until this guard drops
+    /// (at the end of the body, or when it is abandoned), its bytes must keep moving.
+    fn responding(mut self) -> Self {
+        if !self.responding {
+            self.responding = true;
+            self.shared.response_begun();
+        }
+        self
     }
 }
 
 impl Drop for ConnRequest {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.responding {
+            self.shared.response_ended();
+        }
+        self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -362,7 +382,8 @@ impl Proxy {
                             *r.status_mut() = raw.head.status;
                             *r.headers_mut() = raw.head.headers;
                             let (rparts, ()) = r.into_parts();
-                            (rparts, ProxyBody::raw(raw.body, (guard, conn_req, None)))
+                            let guards = (guard, conn_req.responding(), None);
+                            (rparts, ProxyBody::raw(raw.body, guards))
                         }
                         Answer::Hyper(mut resp, lent) => {
                             let server_upgrade = resp.extensions_mut().remove::<OnUpgrade>();
@@ -386,7 +407,7 @@ impl Proxy {
                                 }
                                 (rparts, ProxyBody::full(Bytes::new()))
                             } else {
-                                let guards = (guard, conn_req, Some(lent));
+                                let guards = (guard, conn_req.responding(), Some(lent));
                                 (rparts, ProxyBody::upstream(rbody, guards))
                             }
                         }
