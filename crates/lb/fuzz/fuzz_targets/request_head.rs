@@ -8,7 +8,9 @@
 //! - a head the guard passes is one `normalize_request` accepts (they agree on framing), and
 //!   after normalization no hop-by-hop header is left (but a real upgrade's), there is one
 //!   `X-Forwarded-For` ending with the client, one request id, and not both
-//!   `Content-Length` and `Transfer-Encoding`.
+//!   `Content-Length` and `Transfer-Encoding`;
+//! - `check_host` (which the guard does not mirror: it may refuse what the guard passes) leaves
+//!   exactly one `Host` when it accepts, the target's authority if the target has one.
 #![no_main]
 
 use bytes::BytesMut;
@@ -17,7 +19,8 @@ use libfuzzer_sys::fuzz_target;
 use statehouse_lb::h1_server::plain_request_len;
 use statehouse_lb::proxy::framing::{FrameScanner, Verdict};
 use statehouse_lb::proxy::normalize::{
-    ForwardContext, X_FORWARDED_FOR, X_REQUEST_ID, has_hop_by_hop, normalize_request,
+    ForwardContext, X_FORWARDED_FOR, X_REQUEST_ID, check_host, has_hop_by_hop,
+    normalize_request,
 };
 
 fn scan(data: &[u8], split: usize) -> (Vec<u8>, Vec<Verdict>) {
@@ -71,6 +74,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(method) = Method::from_bytes(req.method.unwrap_or("GET").as_bytes()) else {
         return;
     };
+    let Ok(target) = req.path.unwrap_or("/").parse::<http::Uri>() else {
+        return; // hyper refuses these with 400 itself
+    };
     let version = if req.version == Some(0) {
         Version::HTTP_10
     } else {
@@ -104,4 +110,13 @@ fuzz_target!(|data: &[u8]| {
         !(headers.contains_key(http::header::CONTENT_LENGTH)
             && headers.contains_key(http::header::TRANSFER_ENCODING))
     );
+    let had_host = headers.contains_key(http::header::HOST);
+    if check_host(version, target.authority(), &mut headers).is_ok() {
+        let hosts: Vec<_> = headers.get_all(http::header::HOST).iter().collect();
+        match target.authority() {
+            Some(a) => assert_eq!(hosts, [a.as_str()]),
+            None => assert_eq!(hosts.len(), usize::from(had_host)),
+        }
+        assert!(had_host || version == Version::HTTP_10 || target.authority().is_some());
+    }
 });

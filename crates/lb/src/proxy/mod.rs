@@ -256,16 +256,9 @@ impl Proxy {
             new_request_id: normalize::new_request_id(),
         };
         let norm = normalize_request(&parts.method, parts.version, &mut parts.headers, &ctx)?;
-        if !parts.headers.contains_key(header::HOST) {
-            // HTTP/2 carries the host in :authority; an HTTP/1.1 instance needs it in Host.
-            if let Some(v) = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
+        // HTTP/2 carries the host in :authority, an absolute-form target in the target; the
+        // instance, spoken to in HTTP/1.1 with an origin-form target, finds it in Host.
+        normalize::check_host(parts.version, parts.uri.authority(), &mut parts.headers)?;
         Ok(norm)
     }
 

@@ -58,6 +58,12 @@ pub enum HeadRejection {
     InvalidContentLength,
     /// A `Transfer-Encoding` whose last coding is not `chunked`, or one on HTTP/1.0 or HTTP/2.
     InvalidTransferEncoding,
+    /// An HTTP/1.1 request without `Host`.
+    MissingHost,
+    /// More than one `Host` line.
+    MultipleHost,
+    /// A `Host` (or target authority) that is not `host[:port]`.
+    InvalidHost,
 }
 
 impl HeadRejection {
@@ -73,6 +79,9 @@ impl HeadRejection {
             Self::MultipleContentLength => "more than one Content-Length",
             Self::InvalidContentLength => "invalid Content-Length",
             Self::InvalidTransferEncoding => "invalid Transfer-Encoding",
+            Self::MissingHost => "HTTP/1.1 request without Host",
+            Self::MultipleHost => "more than one Host",
+            Self::InvalidHost => "invalid Host",
         }
     }
 }
@@ -193,6 +202,75 @@ pub fn new_request_id() -> HeaderValue {
         n >>= 4;
     }
     HeaderValue::from_bytes(&id).expect("hex digits are visible ASCII")
+}
+
+/// The `Host` rules (RFC 9112 §3.2, RFC 9113 §8.3.1): an HTTP/1.1 request has one, no request
+/// has more than one, and its value is `host[:port]`; the instance must never have to guess
+/// which of two hosts a request is for. When the target carries an authority (absolute-form, or
+/// HTTP/2's `:authority`) that authority is the request's host: `Host` is set to it, whatever it
+/// said (RFC 9112 §3.2.2 asks a proxy to do exactly that). Pure, like [`normalize_request`].
+///
+/// Kept apart from `normalize_request`, whose framing verdicts the framing guard mirrors: the
+/// guard judges framing only, so a head it passes may still be refused here.
+///
+/// # Errors
+/// [`HeadRejection::MissingHost`], [`HeadRejection::MultipleHost`] or
+/// [`HeadRejection::InvalidHost`].
+pub fn check_host(
+    version: Version,
+    authority: Option<&http::uri::Authority>,
+    headers: &mut HeaderMap,
+) -> Result<(), HeadRejection> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(HeadRejection::MultipleHost);
+    }
+    if let Some(authority) = authority {
+        let value = authority.as_str();
+        if !is_host(value.as_bytes()) {
+            return Err(HeadRejection::InvalidHost);
+        }
+        let value = HeaderValue::from_str(value).map_err(|_| HeadRejection::InvalidHost)?;
+        headers.insert(header::HOST, value);
+        return Ok(());
+    }
+    match first {
+        None if version == Version::HTTP_11 => Err(HeadRejection::MissingHost),
+        Some(v) if !is_host(v.as_bytes()) => Err(HeadRejection::InvalidHost),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `v` can be `uri-host [ ":" port ]` (RFC 3986): only the characters a reg-name, an
+/// IPv4 address, a bracketed IP literal and a port are made of. Never userinfo (`@`), a path,
+/// whitespace or a control byte. Empty is allowed (RFC 9112 §3.2: a target without an
+/// authority).
+fn is_host(v: &[u8]) -> bool {
+    v.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
 }
 
 fn check_framing(version: Version, headers: &HeaderMap) -> Result<(), HeadRejection> {
@@ -390,5 +468,72 @@ mod tests {
         ]);
         normalize_response(http::StatusCode::OK, &mut h);
         assert!(!has_hop_by_hop(&h, false));
+    }
+
+    #[test]
+    fn host_is_required_once_and_well_formed() {
+        use http::uri::Authority;
+        let host = |v: &[&str], version: Version| {
+            let mut h = HeaderMap::new();
+            for v in v {
+                h.append(header::HOST, HeaderValue::from_str(v).unwrap());
+            }
+            check_host(version, None, &mut h).map(|()| h)
+        };
+        assert!(host(&["shop.example"], Version::HTTP_11).is_ok());
+        assert!(host(&["127.0.0.1:8080"], Version::HTTP_11).is_ok());
+        assert!(host(&["[::1]:8080"], Version::HTTP_11).is_ok());
+        assert!(host(&[""], Version::HTTP_11).is_ok(), "empty is allowed");
+        assert!(host(&[], Version::HTTP_10).is_ok(), "HTTP/1.0 may omit it");
+        assert_eq!(
+            host(&[], Version::HTTP_11).unwrap_err(),
+            HeadRejection::MissingHost
+        );
+        for v in [&["a", "a"][..], &["a", "b"]] {
+            for version in [Version::HTTP_10, Version::HTTP_11] {
+                assert_eq!(
+                    host(v, version).unwrap_err(),
+                    HeadRejection::MultipleHost,
+                    "{v:?} {version:?}"
+                );
+            }
+        }
+        for bad in [
+            "user@shop.example",
+            "a b",
+            "shop.example/x",
+            "a\tb",
+            "a?b",
+            "a#b",
+            "é",
+        ] {
+            assert_eq!(
+                host(&[bad], Version::HTTP_11).unwrap_err(),
+                HeadRejection::InvalidHost,
+                "{bad}"
+            );
+        }
+
+        // The target's authority wins over Host, and stands in for a missing one.
+        let right = Authority::from_static("right.example:81");
+        for given in [&["wrong.example"][..], &[]] {
+            let mut h = HeaderMap::new();
+            for v in given {
+                h.append(header::HOST, HeaderValue::from_static(v));
+            }
+            check_host(Version::HTTP_11, Some(&right), &mut h).unwrap();
+            assert_eq!(h.get_all(header::HOST).iter().count(), 1);
+            assert_eq!(h[header::HOST], "right.example:81");
+        }
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            check_host(
+                Version::HTTP_11,
+                Some(&Authority::from_static("u@right.example")),
+                &mut h
+            )
+            .unwrap_err(),
+            HeadRejection::InvalidHost
+        );
     }
 }
