@@ -242,7 +242,13 @@ pub(crate) async fn serve(
             }
         };
         let close = head.close || shared.is_closing();
-        match write_response(&mut stream, &mut out, resp, head_request, close, shared).await {
+        // Watched by the response stall timeout to the last byte, which may go out after the
+        // body (and the request's own mark) has ended.
+        let responding = shared.responding();
+        let written =
+            write_response(&mut stream, &mut out, resp, head_request, close, shared).await;
+        drop(responding);
+        match written {
             Ok(true) if !close => {}
             Ok(_) => {
                 // Closing after a complete answer: FIN first, so the client reads it all.

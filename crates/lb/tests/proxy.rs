@@ -981,6 +981,13 @@ async fn a_response_that_stops_moving_is_cut() {
         v.resize(v.len() + (64 << 20), b'x');
         Vec::leak(v)
     };
+    // A small answer, whole in one read: its request ends as soon as it is handed on, before
+    // the client has taken a byte of it.
+    let small: &'static [u8] = {
+        let mut v = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 8 << 10).into_bytes();
+        v.resize(v.len() + (8 << 10), b'y');
+        Vec::leak(v)
+    };
     let (instance, lb) = {
         let instance = RawInstance::scripted(std::sync::Arc::new(move |head: &str| {
             let line = head.lines().next().unwrap_or_default();
@@ -1003,6 +1010,7 @@ async fn a_response_that_stops_moving_is_cut() {
                 }
                 "/pool/late" => vec![Step::Sleep(Duration::from_millis(2500)), Step::Send(OK)],
                 "/pool/big" => vec![Step::Send(big)],
+                "/pool/small" => vec![Step::Send(small)],
                 _ => vec![Step::Send(OK)],
             }
         }))
@@ -1078,5 +1086,29 @@ async fn a_response_that_stops_moving_is_cut() {
     .await;
     assert!(end.is_ok(), "the connection stayed open");
     assert!(got < big.len(), "all {got} bytes arrived");
+
+    // A client that pipelines requests for small answers and reads none: the answers fill the
+    // socket buffers, and the one left waiting to be written is cut though its request ended.
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    let pipelined = "GET /pool/small HTTP/1.1\r\nhost: x\r\n\r\n".repeat(2000);
+    s.write_all(pipelined.as_bytes()).await.unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the unread answers cut",
+        || async { lb.metric(stalls).await == 5 },
+    )
+    .await;
+    // The same on hyper's connection (chunked request bodies take the connection there).
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    let pipelined =
+        "POST /pool/small HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+            .repeat(2000);
+    s.write_all(pipelined.as_bytes()).await.unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the unread answers cut (hyper)",
+        || async { lb.metric(stalls).await == 6 },
+    )
+    .await;
     drop(instance);
 }

@@ -394,6 +394,10 @@ pub(crate) struct ConnShared {
     /// Of those, the ones whose response is on its way to the client (the response stall
     /// timeout watches them).
     responding: AtomicU64,
+    /// A write to the client is waiting for the socket to take bytes (also watched by the
+    /// response stall timeout: the end of a response may sit in a buffer after its request
+    /// has ended).
+    write_waiting: AtomicBool,
     /// Set when the connection is to close once the request in progress (if any) is answered.
     closing: AtomicBool,
     epoch: Instant,
@@ -407,6 +411,7 @@ impl ConnShared {
             head_started: AtomicU64::new(u64::MAX),
             in_flight: AtomicU64::new(0),
             responding: AtomicU64::new(0),
+            write_waiting: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             epoch: Instant::now(),
         }
@@ -464,9 +469,18 @@ impl ConnShared {
         self.responding.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// How long nothing has moved while a response is on its way; `None` when none is.
+    /// Marks a response on its way for as long as the guard lives (the lb's own loop holds one
+    /// while it writes, to the last byte).
+    pub(crate) fn responding(&self) -> Responding<'_> {
+        self.response_begun();
+        Responding(self)
+    }
+
+    /// How long nothing has moved while a response is on its way or a write waits; `None` when
+    /// neither.
     pub(crate) fn response_stalled_for(&self) -> Option<std::time::Duration> {
-        (self.responding.load(Ordering::Acquire) > 0).then(|| self.idle_for())
+        (self.responding.load(Ordering::Acquire) > 0 || self.write_waiting.load(Ordering::Acquire))
+            .then(|| self.idle_for())
     }
 
     /// How long nothing has moved.
@@ -482,6 +496,16 @@ impl ConnShared {
         let started = self.head_started.load(Ordering::Relaxed);
         (started != u64::MAX)
             .then(|| std::time::Duration::from_millis(self.now_ms().saturating_sub(started)))
+    }
+}
+
+/// A response on its way; see [`ConnShared::responding`].
+#[derive(Debug)]
+pub(crate) struct Responding<'a>(&'a ConnShared);
+
+impl Drop for Responding<'_> {
+    fn drop(&mut self) {
+        self.0.response_ended();
     }
 }
 
@@ -591,10 +615,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
 
 impl<T> GuardedIo<T> {
     /// Bytes that went out are activity; a write the client is not ready for is not (a client
-    /// that stops reading a response must look stalled).
+    /// that stops reading a response must look stalled), and it is watched while it waits.
     fn wrote(&self, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            self.shared.touch();
+        match written {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.shared.touch();
+                self.shared.write_waiting.store(false, Ordering::Release);
+            }
+            Poll::Pending => self.shared.write_waiting.store(true, Ordering::Release),
+            Poll::Ready(_) => {}
         }
         written
     }
@@ -611,7 +640,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if flushed.is_pending() {
+            self.shared.write_waiting.store(true, Ordering::Release);
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
