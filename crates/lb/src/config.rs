@@ -283,7 +283,9 @@ pub struct TimeoutConfig {
     pub upstream_response: Duration,
     /// Once a response is on its way to the client, the connection is cut when none of its
     /// bytes has moved for this long: an instance that stops sending its body, or a client
-    /// that stops reading it (nginx's `proxy_read_timeout` and `send_timeout` in one).
+    /// that stops reading it (nginx's `proxy_read_timeout` and `send_timeout` in one). A
+    /// long-lived response (server-sent events, long polling) must send something more often
+    /// than this. On HTTP/2 it is judged per connection: any stream's bytes are progress.
     #[serde(default = "d_60s", deserialize_with = "de_duration")]
     pub response_stall: Duration,
     /// Pooled keep-alive connections to instances are closed after this long unused.

@@ -11,10 +11,11 @@
 //!   connection could not be made), and — opt-in — when it is idempotent with a replayable
 //!   body; always within a retry budget. A POST that may have reached an instance is never
 //!   replayed.
-//! - **Timeouts** on connect, request head, idle keep-alive and upstream response; pooled
-//!   keep-alive connections to the instances.
+//! - **Timeouts** on connect, request head, idle keep-alive, upstream response and a response
+//!   that stops moving (`timeouts.response_stall`); pooled keep-alive connections to the
+//!   instances.
 //! - **Hygiene**: hop-by-hop headers stripped, `X-Forwarded-For`/`-Proto` and `X-Request-Id`
-//!   added; smuggling shapes (CL+TE, repeated `Content-Length`), malformed and oversized heads
+//!   added; `Host` required on HTTP/1.1, never twice, `host[:port]` only; smuggling shapes (CL+TE, repeated `Content-Length`), malformed and oversized heads
 //!   refused (400/431) before anything is forwarded ([`proxy::framing`], [`proxy::normalize`]).
 //! - **WebSocket** upgrades proxied end to end.
 //! - **Admin API** (below): list, add, remove, drain, undrain; Prometheus `/metrics`; graceful

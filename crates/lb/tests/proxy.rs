@@ -320,6 +320,27 @@ async fn idle_connections_and_stalled_heads_are_closed() {
     );
 }
 
+/// A body buffered for retries (`retry.idempotent`) must arrive within the idle timeout: one
+/// that stops short is answered 408, not waited for while the request counts as in flight.
+#[tokio::test]
+async fn a_buffered_body_that_stalls_is_answered_408() {
+    let a = Backend::start("a");
+    let lb = Lb::start(
+        "[timeouts]\nidle = \"300ms\"\n[retry]\nidempotent = true\n",
+        &[&a],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    // HTTP/1.0: hyper's connection, where the body is gathered before forwarding.
+    let answer = raw(
+        lb.addr,
+        b"PUT /echo HTTP/1.0\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.0 408 "), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(4), "{answer}");
+}
+
 /// A client that goes away while its request waits on the instance cancels it: the request
 /// stops counting as in flight long before the instance would have answered.
 #[tokio::test]

@@ -74,9 +74,6 @@ fuzz_target!(|data: &[u8]| {
     let Ok(method) = Method::from_bytes(req.method.unwrap_or("GET").as_bytes()) else {
         return;
     };
-    let Ok(target) = req.path.unwrap_or("/").parse::<http::Uri>() else {
-        return; // hyper refuses these with 400 itself
-    };
     let version = if req.version == Some(0) {
         Version::HTTP_10
     } else {
@@ -110,6 +107,9 @@ fuzz_target!(|data: &[u8]| {
         !(headers.contains_key(http::header::CONTENT_LENGTH)
             && headers.contains_key(http::header::TRANSFER_ENCODING))
     );
+    let Ok(target) = req.path.unwrap_or("/").parse::<http::Uri>() else {
+        return; // hyper refuses these with 400 itself
+    };
     let had_host = headers.contains_key(http::header::HOST);
     if check_host(version, target.authority(), &mut headers).is_ok() {
         let hosts: Vec<_> = headers.get_all(http::header::HOST).iter().collect();

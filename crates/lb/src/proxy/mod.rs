@@ -3,7 +3,9 @@
 //! The request goes through, top to bottom:
 //! 1. the framing guard's verdict (HTTP/1): refused heads are answered 400/431 here;
 //! 2. [`normalize_request`]: framing checks, hop-by-hop headers, `X-Forwarded-*`, request id;
-//! 3. the body source: empty or buffered (replayable), or the stream lent to each attempt;
+//!    then [`normalize::check_host`]: the `Host` rules, the target's authority as `Host`;
+//! 3. the body source: empty or buffered (replayable; gathered within `timeouts.idle`, else
+//!    408), or the stream lent to each attempt;
 //! 4. attempts: pick an instance (usable and not yet tried; failing open to any non-draining
 //!    one), send on a pooled keep-alive connection — in the request's own task when the body
 //!    is in hand and no upgrade is asked for, through hyper otherwise (see `upstream`) — and
@@ -14,7 +16,9 @@
 //!    `retry.idempotent`, an idempotent method and a buffered body. Every retry spends from the
 //!    budget. A POST that may have reached an instance is never sent again.
 //! 6. the response: hop-by-hop headers stripped, the sticky cookie (re)set, and for a `101` the
-//!    two upgraded connections spliced together.
+//!    two upgraded connections spliced together. From here until its body ends the request is
+//!    marked responding: the connection's watchdog cuts it if no byte moves for
+//!    `timeouts.response_stall`.
 
 mod body;
 pub mod framing;
@@ -208,9 +212,14 @@ impl Proxy {
                 .exact()
                 .is_some_and(|n| n <= retry_cfg.buffer_body_bytes)
         {
-            match body.collect().await {
-                Ok(c) => BodySource::Full(c.to_bytes()),
-                Err(_) => return Ok(self.reject(400, "request body ended early", parts.version)),
+            // Buffered so that it can be sent again; it must all arrive within the idle
+            // timeout (the watchdog's idle rule waits for requests in flight, as this one is).
+            match tokio::time::timeout(self.config.timeouts.idle, body.collect()).await {
+                Ok(Ok(c)) => BodySource::Full(c.to_bytes()),
+                Ok(Err(_)) => {
+                    return Ok(self.reject(400, "request body ended early", parts.version));
+                }
+                Err(_) => return Ok(self.reject(408, "request body too slow", parts.version)),
             }
         } else {
             BodySource::streamed(body)

@@ -49,6 +49,7 @@ pub struct ForwardContext {
 
 /// Why a request head was refused; the status to answer with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HeadRejection {
     /// Both `Content-Length` and `Transfer-Encoding`: the classic smuggling vector.
     ContentLengthWithTransferEncoding,
@@ -208,7 +209,8 @@ pub fn new_request_id() -> HeaderValue {
 /// has more than one, and its value is `host[:port]`; the instance must never have to guess
 /// which of two hosts a request is for. When the target carries an authority (absolute-form, or
 /// HTTP/2's `:authority`) that authority is the request's host: `Host` is set to it, whatever it
-/// said (RFC 9112 §3.2.2 asks a proxy to do exactly that). Pure, like [`normalize_request`].
+/// said (RFC 9112 §3.2.2 asks a proxy to do exactly that) — though an HTTP/1.1 request must
+/// still have sent a valid one. Pure, like [`normalize_request`].
 ///
 /// Kept apart from `normalize_request`, whose framing verdicts the framing guard mirrors: the
 /// guard judges framing only, so a head it passes may still be refused here.
@@ -226,51 +228,69 @@ pub fn check_host(
     if hosts.next().is_some() {
         return Err(HeadRejection::MultipleHost);
     }
+    match first {
+        None if version == Version::HTTP_11 => return Err(HeadRejection::MissingHost),
+        Some(v) if !is_host(v.as_bytes()) => return Err(HeadRejection::InvalidHost),
+        _ => {}
+    }
     if let Some(authority) = authority {
         let value = authority.as_str();
-        if !is_host(value.as_bytes()) {
+        if value.is_empty() || !is_host(value.as_bytes()) {
             return Err(HeadRejection::InvalidHost);
         }
         let value = HeaderValue::from_str(value).map_err(|_| HeadRejection::InvalidHost)?;
         headers.insert(header::HOST, value);
-        return Ok(());
     }
-    match first {
-        None if version == Version::HTTP_11 => Err(HeadRejection::MissingHost),
-        Some(v) if !is_host(v.as_bytes()) => Err(HeadRejection::InvalidHost),
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
-/// Whether `v` can be `uri-host [ ":" port ]` (RFC 3986): only the characters a reg-name, an
-/// IPv4 address, a bracketed IP literal and a port are made of. Never userinfo (`@`), a path,
-/// whitespace or a control byte. Empty is allowed (RFC 9112 §3.2: a target without an
-/// authority).
+/// Whether `v` is `uri-host [ ":" port ]` (RFC 3986 §3.2.2–3.2.3): a bracketed IP literal, or a
+/// reg-name or IPv4 address (unreserved, percent-encoded and sub-delims characters), then
+/// optionally `:` and decimal digits. Never userinfo (`@`), a path, whitespace, a control byte
+/// or raw UTF-8 (an internationalized name travels as punycode). Empty is allowed (RFC 9112
+/// §3.2: a target without an authority).
 fn is_host(v: &[u8]) -> bool {
-    v.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'%'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-                    | b':'
-                    | b'['
-                    | b']'
-            )
-    })
+    let (name_ok, port) = if v.first() == Some(&b'[') {
+        let Some(close) = v.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &v[1..close];
+        let ok = !literal.is_empty()
+            && literal.iter().all(|&b| {
+                b.is_ascii_alphanumeric() || matches!(b, b':' | b'.' | b'%' | b'-' | b'_' | b'~')
+            });
+        (ok, &v[close + 1..])
+    } else {
+        let end = v.iter().position(|&b| b == b':').unwrap_or(v.len());
+        let ok = v[..end].iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        });
+        (ok, &v[end..])
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    name_ok && port_ok
 }
 
 fn check_framing(version: Version, headers: &HeaderMap) -> Result<(), HeadRejection> {
@@ -506,6 +526,13 @@ mod tests {
             "a?b",
             "a#b",
             "é",
+            "a:b:c",
+            "a:80x",
+            "a:123456",
+            "]x[",
+            "[::1",
+            "[::1]x",
+            "[]",
         ] {
             assert_eq!(
                 host(&[bad], Version::HTTP_11).unwrap_err(),
@@ -514,21 +541,45 @@ mod tests {
             );
         }
 
-        // The target's authority wins over Host, and stands in for a missing one.
+        assert!(host(&["[fe80::1%25eth0]"], Version::HTTP_11).is_ok());
+        assert!(
+            host(&["shop.example:"], Version::HTTP_11).is_ok(),
+            "an empty port"
+        );
+
+        // The target's authority wins over Host (HTTP/1.1, which must still send one), and
+        // stands in for a missing one (HTTP/2's `:authority`, HTTP/1.0).
         let right = Authority::from_static("right.example:81");
-        for given in [&["wrong.example"][..], &[]] {
+        for (given, version) in [
+            (&["wrong.example"][..], Version::HTTP_11),
+            (&[], Version::HTTP_2),
+            (&[], Version::HTTP_10),
+        ] {
             let mut h = HeaderMap::new();
             for v in given {
                 h.append(header::HOST, HeaderValue::from_static(v));
             }
-            check_host(Version::HTTP_11, Some(&right), &mut h).unwrap();
+            check_host(version, Some(&right), &mut h).unwrap();
             assert_eq!(h.get_all(header::HOST).iter().count(), 1);
             assert_eq!(h[header::HOST], "right.example:81");
         }
         let mut h = HeaderMap::new();
         assert_eq!(
+            check_host(Version::HTTP_11, Some(&right), &mut h).unwrap_err(),
+            HeadRejection::MissingHost,
+            "absolute-form does not excuse a missing Host"
+        );
+        let mut h = HeaderMap::new();
+        h.append(header::HOST, HeaderValue::from_static("a b"));
+        assert_eq!(
+            check_host(Version::HTTP_11, Some(&right), &mut h).unwrap_err(),
+            HeadRejection::InvalidHost,
+            "nor an invalid one"
+        );
+        let mut h = HeaderMap::new();
+        assert_eq!(
             check_host(
-                Version::HTTP_11,
+                Version::HTTP_2,
                 Some(&Authority::from_static("u@right.example")),
                 &mut h
             )
