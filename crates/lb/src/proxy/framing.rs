@@ -470,9 +470,10 @@ impl ConnShared {
     }
 
     /// Marks a response on its way for as long as the guard lives (the lb's own loop holds one
-    /// while it writes, to the last byte).
+    /// while it writes, to the last byte). No activity stamp: the response was just in hand —
+    /// its request's own mark stamped it, or the lb answered it itself right after the read.
     pub(crate) fn responding(&self) -> Responding<'_> {
-        self.response_begun();
+        self.responding.fetch_add(1, Ordering::AcqRel);
         Responding(self)
     }
 
