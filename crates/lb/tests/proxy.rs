@@ -278,10 +278,8 @@ async fn websocket_upgrade_is_proxied_end_to_end() {
     // The tunnel counts as in flight on the instance until it closes.
     assert_eq!(lb.instance("a").await["in_flight"], 1);
     drop(s);
-    eventually(Duration::from_secs(5), "tunnel released", || async {
-        lb.instance("a").await["in_flight"] == 0
-    })
-    .await;
+    lb.await_in_flight("a", 0, Duration::from_secs(5), "tunnel released")
+        .await;
 }
 
 #[tokio::test]
@@ -351,15 +349,11 @@ async fn a_client_that_disconnects_cancels_its_request() {
     s.write_all(b"GET /slow?ms=4000 HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    eventually(Duration::from_secs(2), "the request in flight", || async {
-        lb.instance("a").await["in_flight"] == 1
-    })
-    .await;
+    lb.await_in_flight("a", 1, Duration::from_secs(2), "the request in flight")
+        .await;
     drop(s);
-    eventually(Duration::from_secs(2), "the request cancelled", || async {
-        lb.instance("a").await["in_flight"] == 0
-    })
-    .await;
+    lb.await_in_flight("a", 0, Duration::from_secs(2), "the request cancelled")
+        .await;
 }
 
 /// An upgrade the instance declines ends the connection after its answer: the framing guard let
@@ -517,10 +511,8 @@ async fn graceful_shutdown_lets_in_flight_requests_finish() {
     let mut lb = Lb::start("", &[&a]).await;
     let url = lb.url("/slow?ms=600");
     let in_flight = tokio::spawn(async move { http_get(&url, &[]).await });
-    eventually(Duration::from_secs(5), "request in flight", || async {
-        lb.instance("a").await["in_flight"] == 1
-    })
-    .await;
+    lb.await_in_flight("a", 1, Duration::from_secs(5), "request in flight")
+        .await;
     let addr = lb.addr;
     let done = lb.shutdown();
     let (s, _, body) = in_flight.await.unwrap().unwrap();
@@ -538,10 +530,8 @@ async fn the_drain_deadline_cuts_what_is_left() {
     let mut lb = Lb::start("[shutdown]\ndrain_deadline = \"300ms\"\n", &[&a]).await;
     let url = lb.url("/slow?ms=30000");
     let in_flight = tokio::spawn(async move { http_get(&url, &[]).await });
-    eventually(Duration::from_secs(5), "request in flight", || async {
-        lb.instance("a").await["in_flight"] == 1
-    })
-    .await;
+    lb.await_in_flight("a", 1, Duration::from_secs(5), "request in flight")
+        .await;
     let done = lb.shutdown();
     // The run returns after the deadline although the request would take 30 s.
     tokio::time::timeout(Duration::from_secs(10), done)
@@ -1090,10 +1080,8 @@ async fn a_response_that_stops_moving_is_cut() {
         || async { lb.metric(stalls).await == 4 },
     )
     .await;
-    eventually(Duration::from_secs(5), "the request ended", || async {
-        lb.instance("raw").await["in_flight"] == 0
-    })
-    .await;
+    lb.await_in_flight("raw", 0, Duration::from_secs(5), "the request ended")
+        .await;
     let mut got = 0usize;
     let mut buf = vec![0u8; 1 << 16];
     let end = tokio::time::timeout(Duration::from_secs(5), async {

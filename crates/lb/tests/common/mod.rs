@@ -151,6 +151,14 @@ impl Lb {
         serde_json::from_slice(&body).unwrap()
     }
 
+    /// Waits until the instance `name` has `n` requests in flight; panics after `limit`.
+    pub async fn await_in_flight(&self, name: &str, n: u64, limit: Duration, what: &str) {
+        eventually(limit, what, || async {
+            self.instance(name).await["in_flight"] == n
+        })
+        .await;
+    }
+
     pub async fn metrics(&self) -> String {
         let (_, _, body) = http_get(&self.admin_url("/metrics"), &[]).await.unwrap();
         String::from_utf8(body.to_vec()).unwrap()
