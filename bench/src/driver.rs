@@ -64,6 +64,25 @@ impl Sample {
         self.latency_ns.len() as f64 / self.measured_for.as_secs_f64()
     }
 
+    /// Adds what `other` recorded in the same window (another task's share).
+    fn absorb(&mut self, other: Sample) {
+        self.latency_ns
+            .add(&other.latency_ns)
+            .expect("every histogram has the same bounds, so adding cannot go out of range");
+        self.conflicts += other.conflicts;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
+    /// Adds what `other` recorded in a window of its own (another round):
+    /// rates are then over both windows.
+    pub(crate) fn pool(&mut self, other: Sample) {
+        self.measured_for += other.measured_for;
+        self.absorb(other);
+    }
+
     /// Latency at `quantile`, in microseconds; `None` when nothing succeeded.
     pub(crate) fn micros_at(&self, quantile: f64) -> Option<f64> {
         (!self.latency_ns.is_empty())
@@ -137,16 +156,7 @@ pub(crate) async fn closed_loop<W: Workload>(
 
     let mut merged = Sample::empty(window.measure);
     while let Some(task) = tasks.join_next().await {
-        let sample = task?;
-        merged
-            .latency_ns
-            .add(&sample.latency_ns)
-            .expect("every histogram has the same bounds, so adding cannot go out of range");
-        merged.conflicts += sample.conflicts;
-        merged.errors += sample.errors;
-        if merged.first_error.is_none() {
-            merged.first_error = sample.first_error;
-        }
+        merged.absorb(task?);
     }
     Ok(merged)
 }

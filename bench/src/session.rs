@@ -13,7 +13,9 @@
 //!    its own;
 //! 3. what a session read adds to a request (read handler minus a handler
 //!    that never touches the session, p50 at one client), next to one raw
-//!    Redis GET by `redis-benchmark -c 1` on the same server.
+//!    Redis GET by `redis-benchmark -c 1` on the same server, and next to
+//!    the floor under it: one GET timed in a handler with no session layer,
+//!    through the store's client and on a bare socket.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -40,6 +42,8 @@ pub struct SessionBenchConfig {
     pub duration: Duration,
     /// Requests of the lost-update test (fields, then increments).
     pub updates: usize,
+    /// Rounds per throughput cell (see [`cell`]).
+    pub rounds: usize,
     pub out: PathBuf,
     pub command: String,
     /// Only the throughput cells (for profiling one side): no lost-update
@@ -70,6 +74,10 @@ impl Side {
         }
     }
 }
+
+/// The key the floor handlers read: a 3-byte value, like the one
+/// redis-benchmark's GET reads.
+const PROBE_KEY: &str = "probe";
 
 /// A value no earlier write stored, so every write handler call changes the
 /// session on both sides.
@@ -239,6 +247,167 @@ fn tower_sessions_app(pool: fred::prelude::Pool, timer: ReadTimer) -> Router {
             }),
         )
         .layer(layer)
+}
+
+/// The floor handlers, each timing one read in a handler with no session
+/// layer, from the least a client can wait to the one store call a session
+/// read makes: its path and what the report calls it.
+const FLOOR: [(&str, &str); FLOORS] = [
+    (
+        "/socket-get",
+        "one GET on a bare socket, RESP by hand (the least any client in a tokio handler waits)",
+    ),
+    (
+        "/redis-rs-get",
+        "one GET through redis-rs's ConnectionManager (the store's client), no store layer",
+    ),
+    (
+        "/store-get",
+        "one GET through the statehouse store (its client, policy layer and versioned values)",
+    ),
+    (
+        "/redis-rs-map-read",
+        "HGETALL and PTTL pipelined through redis-rs's ConnectionManager: a session read's commands, no store layer",
+    ),
+    (
+        "/store-map-read",
+        "the store's map read: the one store call a session read makes",
+    ),
+];
+const FLOORS: usize = 5;
+
+/// One plain `GET` on a dedicated connection, RESP by hand; the reply to a
+/// 3-byte value is the 9 bytes `$3\r\nxxx\r\n`.
+async fn socket_get(socket: &tokio::sync::Mutex<tokio::net::TcpStream>) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = socket.lock().await;
+    socket
+        .write_all(format!("*2\r\n$3\r\nGET\r\n${}\r\n{PROBE_KEY}\r\n", PROBE_KEY.len()).as_bytes())
+        .await?;
+    let mut reply = [0u8; 9];
+    socket.read_exact(&mut reply).await?;
+    if &reply != b"$3\r\nxxx\r\n" {
+        return Err(std::io::Error::other("unexpected GET reply"));
+    }
+    Ok(())
+}
+
+/// A GET route that times `read` into `timer`.
+fn timed<F, Fut, T, E>(timer: ReadTimer, read: F) -> axum::routing::MethodRouter
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, E>> + Send,
+    E: std::fmt::Display,
+{
+    get(move || {
+        let (timer, read) = (timer.clone(), read.clone());
+        async move {
+            match timer.time(read()).await {
+                Ok(_) => Ok("ok"),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+}
+
+/// The floor app ([`FLOOR`]): the same runtime, server and client as the
+/// sides, one timer per handler.
+async fn floor_app(redis: &RedisServer, timers: &[ReadTimer; FLOORS]) -> Result<Router, BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(redis.addr()).await?;
+    socket.set_nodelay(true)?;
+    let set = format!(
+        "*3\r\n$3\r\nSET\r\n${}\r\n{PROBE_KEY}\r\n$3\r\nxxx\r\n",
+        PROBE_KEY.len()
+    );
+    socket.write_all(set.as_bytes()).await?;
+    let mut ok = [0u8; 5];
+    socket.read_exact(&mut ok).await?;
+    if &ok != b"+OK\r\n" {
+        return Err("SET of the probe key failed".into());
+    }
+    let socket = Arc::new(tokio::sync::Mutex::new(socket));
+    let client = redis::aio::ConnectionManager::new(redis::Client::open(redis.url())?).await?;
+    let store = open(StoreConfig::new(redis.url()).prefix("floor:")).await?;
+    store
+        .put(
+            PROBE_KEY,
+            &b"xxx"[..],
+            None,
+            statehouse_store::Condition::Any,
+        )
+        .await?;
+    let session_like = statehouse_store::MapPatch::new()
+        .set("_sh.created", &b"1764633600"[..])
+        .set("name", &b"\"v-1\""[..]);
+    store.map_patch(PROBE_KEY, &session_like).await?;
+    let [
+        socket_timer,
+        client_timer,
+        get_timer,
+        client_map_timer,
+        map_timer,
+    ] = timers.clone();
+    let map_store = store.clone();
+    let map_client = client.clone();
+    // Where the store keeps the map: its prefix, then the map namespace.
+    let map_key = format!("m:floor:{PROBE_KEY}");
+    let probe: Vec<Vec<u8>> = redis::cmd("HGETALL")
+        .arg(&map_key)
+        .query_async(&mut client.clone())
+        .await?;
+    if probe.is_empty() {
+        return Err(format!("the store's map is not at {map_key}").into());
+    }
+    Ok(Router::new()
+        .route(
+            FLOOR[0].0,
+            timed(socket_timer, move || {
+                let socket = socket.clone();
+                async move { socket_get(&socket).await }
+            }),
+        )
+        .route(
+            FLOOR[1].0,
+            timed(client_timer, move || {
+                let mut client = client.clone();
+                async move {
+                    redis::cmd("GET")
+                        .arg(PROBE_KEY)
+                        .query_async::<Option<Vec<u8>>>(&mut client)
+                        .await
+                }
+            }),
+        )
+        .route(
+            FLOOR[2].0,
+            timed(get_timer, move || {
+                let store = store.clone();
+                async move { store.get(PROBE_KEY).await }
+            }),
+        )
+        .route(
+            FLOOR[3].0,
+            timed(client_map_timer, move || {
+                let (mut client, key) = (map_client.clone(), map_key.clone());
+                async move {
+                    redis::pipe()
+                        .cmd("HGETALL")
+                        .arg(&key)
+                        .cmd("PTTL")
+                        .arg(&key)
+                        .query_async::<(Vec<Vec<u8>>, i64)>(&mut client)
+                        .await
+                }
+            }),
+        )
+        .route(
+            FLOOR[4].0,
+            timed(map_timer, move || {
+                let store = map_store.clone();
+                async move { store.map_read(PROBE_KEY).await }
+            }),
+        ))
 }
 
 /// Two instances of one side on one Redis.
@@ -428,11 +597,22 @@ impl Workload for HttpCall {
     }
 }
 
+/// What the interleaved latency run found.
+struct ReadCost {
+    added: Vec<Added>,
+    /// p50s of the [`FLOOR`] handlers' timed reads, µs, in that order.
+    floor: [Option<f64>; FLOORS],
+    /// redis-benchmark's GET at one client, the median slice.
+    get: redis_benchmark::PeerResult,
+}
+
 /// What a session read costs one client, seen two ways.
 struct Added {
     side: Side,
-    noop: Measured,
-    read: Measured,
+    /// HTTP p50s at one client of the handler that never touches the
+    /// session and of the one that reads a field, µs.
+    noop_p50: Option<f64>,
+    read_p50: Option<f64>,
     /// p50 of the session read timed inside the handler, µs.
     in_handler: Option<f64>,
 }
@@ -448,46 +628,206 @@ struct Measured {
     errors: u64,
 }
 
-async fn measure(
-    side: Side,
+impl Measured {
+    fn new(side: Side, handler: &'static str, concurrency: usize, sample: &Sample) -> Self {
+        let m = Measured {
+            side,
+            handler,
+            concurrency,
+            ops: sample.ops_per_sec(),
+            p50: sample.micros_at(0.5),
+            p99: sample.micros_at(0.99),
+            errors: sample.errors,
+        };
+        println!(
+            "  {:<28} {:<6} c={:<4} {:>9.0} req/s  p50 {:>8}  p99 {:>8}  errors {}",
+            side.label(),
+            handler,
+            concurrency,
+            m.ops,
+            micros(m.p50),
+            micros(m.p99),
+            m.errors
+        );
+        m
+    }
+}
+
+/// A closed loop of `concurrency` clients on `handler` (`read` or `write`).
+async fn sample(
     base: &str,
     handler: &'static str,
     concurrency: usize,
     window: Window,
-) -> Result<Measured, BoxError> {
-    let (path, post) = match handler {
-        "read" => ("/read", false),
-        "read-timed" => ("/read-timed", false),
-        "write" => ("/write", true),
-        _ => ("/noop", false),
-    };
+) -> Result<Sample, BoxError> {
     let workload = Arc::new(HttpCall {
         http: client()?,
         base: base.to_owned(),
-        path,
-        post,
+        path: if handler == "write" {
+            "/write"
+        } else {
+            "/read"
+        },
+        post: handler == "write",
     });
-    let sample: Sample = closed_loop(workload, concurrency, window).await?;
-    let m = Measured {
-        side,
-        handler,
-        concurrency,
-        ops: sample.ops_per_sec(),
-        p50: sample.micros_at(0.5),
-        p99: sample.micros_at(0.99),
-        errors: sample.errors,
+    closed_loop(workload, concurrency, window).await
+}
+
+/// One throughput cell: `rounds` rounds, each measuring both sides on fresh
+/// instances, the side that goes first alternating round by round (so a
+/// drift of the machine's speed during the cell falls on both); each side's
+/// rounds are pooled.
+async fn cell(
+    redis: &RedisServer,
+    handler: &'static str,
+    concurrency: usize,
+    rounds: usize,
+    window: Window,
+) -> Result<[Measured; 2], BoxError> {
+    let mut pooled: [Option<Sample>; 2] = [None, None];
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for index in order {
+            let side = [Side::Statehouse, Side::TowerSessions][index];
+            let pair = start(side, redis, "tp:").await?;
+            let s = sample(&pair.urls[0], handler, concurrency, window).await?;
+            match &mut pooled[index] {
+                Some(total) => total.pool(s),
+                slot @ None => *slot = Some(s),
+            }
+        }
+    }
+    let [Some(ours), Some(theirs)] = pooled else {
+        return Err("a throughput cell needs at least one round".into());
     };
-    println!(
-        "  {:<28} {:<6} c={:<4} {:>9.0} req/s  p50 {:>8}  p99 {:>8}  errors {}",
-        side.label(),
-        handler,
-        concurrency,
-        m.ops,
-        micros(m.p50),
-        micros(m.p99),
-        m.errors
-    );
-    Ok(m)
+    Ok([
+        Measured::new(Side::Statehouse, handler, concurrency, &ours),
+        Measured::new(Side::TowerSessions, handler, concurrency, &theirs),
+    ])
+}
+
+/// One request of the interleaved latency run, with the HTTP latencies
+/// its answers took.
+struct Probe {
+    url: String,
+    cookie: Option<String>,
+    latency_ns: Histogram<u64>,
+}
+
+impl Probe {
+    fn new(url: String, cookie: Option<String>) -> Result<Self, BoxError> {
+        Ok(Probe {
+            url,
+            cookie,
+            latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3)?,
+        })
+    }
+
+    fn p50_micros(&self) -> Option<f64> {
+        (!self.latency_ns.is_empty())
+            .then(|| self.latency_ns.value_at_quantile(0.5) as f64 / 1000.0)
+    }
+}
+
+/// One client sends every probe's request once per round, in a new order
+/// each round, for `length`: whatever the machine does meanwhile, and
+/// whatever one request leaves behind for the next, falls on all of them
+/// alike.
+async fn interleave(
+    http: &reqwest::Client,
+    probes: &mut [Probe],
+    length: Duration,
+) -> Result<(), BoxError> {
+    let until = std::time::Instant::now() + length;
+    let mut order: Vec<usize> = (0..probes.len()).collect();
+    // xorshift64: a fixed seed is enough to vary the order.
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    while std::time::Instant::now() < until {
+        for i in (1..order.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            order.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        for &index in &order {
+            let probe = &mut probes[index];
+            let began = std::time::Instant::now();
+            let mut request = http.get(&probe.url);
+            if let Some(cookie) = &probe.cookie {
+                request = request.header("cookie", cookie);
+            }
+            let response = request.send().await?;
+            if !response.status().is_success() {
+                return Err(format!("{}: {}", probe.url, response.status()).into());
+            }
+            response.bytes().await?;
+            let nanos = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            probe.latency_ns.saturating_record(nanos);
+        }
+    }
+    Ok(())
+}
+
+/// Slices the latency run is cut into, with a redis-benchmark run between
+/// each two: the GET reference sees the same stretch of the machine's
+/// time as the handlers do.
+const LATENCY_SLICES: usize = 4;
+
+/// What a session read adds, measured with the handlers interleaved
+/// request by request and redis-benchmark's GET run in slices between.
+async fn read_cost(redis: &RedisServer, window: Window) -> Result<ReadCost, BoxError> {
+    let http = client()?;
+    let mut probes = Vec::new();
+    let mut timers = Vec::new();
+    for side in [Side::Statehouse, Side::TowerSessions] {
+        let pair = start(side, redis, "rt:").await?;
+        let base = &pair.urls[0];
+        let first = http.post(format!("{base}/write")).send().await?;
+        let cookie = set_cookie(&first).ok_or("no session cookie")?;
+        for path in ["/noop", "/read", "/read-timed"] {
+            probes.push(Probe::new(format!("{base}{path}"), Some(cookie.clone()))?);
+        }
+        timers.push(pair.timer);
+    }
+    let floor = [(); FLOORS].map(|()| ReadTimer::new());
+    let floor = floor.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let floor: [ReadTimer; FLOORS] = floor.try_into().map_err(|_| "a timer per floor handler")?;
+    let base = serve(floor_app(redis, &floor).await?).await?;
+    for (path, _) in FLOOR {
+        probes.push(Probe::new(format!("{base}{path}"), None)?);
+    }
+
+    interleave(&http, &mut probes, window.warmup).await?;
+    probes.iter_mut().for_each(|p| p.latency_ns.reset());
+    timers.iter().chain(&floor).for_each(ReadTimer::reset);
+    redis_benchmark::prime(redis.addr()).await?;
+    // Twice the cell length: each probe gets a share of the requests.
+    let slice = window.measure * 2 / LATENCY_SLICES as u32;
+    let mut gets = Vec::new();
+    for _ in 0..LATENCY_SLICES {
+        interleave(&http, &mut probes, slice).await?;
+        gets.push(redis_benchmark::run(redis.addr(), "GET", 1, slice).await?);
+    }
+    // The median slice by p50 stands for redis-benchmark.
+    gets.sort_by(|a, b| {
+        a.p50_us
+            .partial_cmp(&b.p50_us)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let get = gets.swap_remove(LATENCY_SLICES / 2);
+
+    let added = [Side::Statehouse, Side::TowerSessions]
+        .into_iter()
+        .enumerate()
+        .map(|(i, side)| Added {
+            side,
+            noop_p50: probes[3 * i].p50_micros(),
+            read_p50: probes[3 * i + 1].p50_micros(),
+            in_handler: timers[i].p50_micros(),
+        })
+        .collect();
+    let floor = floor.each_ref().map(ReadTimer::p50_micros);
+    Ok(ReadCost { added, floor, get })
 }
 
 fn micros(v: Option<f64>) -> String {
@@ -518,7 +858,8 @@ pub async fn run(config: SessionBenchConfig) -> Result<(), BoxError> {
             for (side, wanted) in sides {
                 if wanted {
                     let pair = start(side, &redis, "tp:").await?;
-                    measure(side, &pair.urls[0], handler, concurrency, window).await?;
+                    let s = sample(&pair.urls[0], handler, concurrency, window).await?;
+                    Measured::new(side, handler, concurrency, &s);
                 }
             }
         }
@@ -535,76 +876,45 @@ pub async fn run(config: SessionBenchConfig) -> Result<(), BoxError> {
         losses.push((side, lost_updates(side, &pair, config.updates).await?));
     }
 
-    println!("throughput and latency, one instance per side, a session per client");
+    println!(
+        "throughput and latency, one instance per side, a session per client, {} rounds per cell",
+        config.rounds
+    );
     let mut rows = Vec::new();
     for handler in ["read", "write"] {
         for &concurrency in &config.concurrency {
-            // Alternate sides cell by cell so both see the same machine.
-            for side in [Side::Statehouse, Side::TowerSessions] {
-                let pair = start(side, &redis, "tp:").await?;
-                rows.push(measure(side, &pair.urls[0], handler, concurrency, window).await?);
-            }
+            rows.extend(cell(&redis, handler, concurrency, config.rounds, window).await?);
         }
     }
 
-    println!("what a session read adds, one client");
-    let mut added = Vec::new();
-    for side in [Side::Statehouse, Side::TowerSessions] {
-        let pair = start(side, &redis, "rt:").await?;
-        let noop = measure(side, &pair.urls[0], "noop", 1, window).await?;
-        let read = measure(side, &pair.urls[0], "read", 1, window).await?;
-        // Only the measured window's reads count.
-        let reset = {
-            let timer = pair.timer.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(window.warmup).await;
-                timer.reset();
-            })
-        };
-        measure(side, &pair.urls[0], "read-timed", 1, window).await?;
-        reset.await?;
-        let in_handler = pair.timer.p50_micros();
+    println!("what a session read adds, one client, the handlers interleaved");
+    let cost = read_cost(&redis, window).await?;
+    let ReadCost { added, floor, get } = &cost;
+    for a in added {
         println!(
             "  {:<28} session read timed in the handler: p50 {}",
-            side.label(),
-            micros(in_handler)
+            a.side.label(),
+            micros(a.in_handler)
         );
-        added.push(Added {
-            side,
-            noop,
-            read,
-            in_handler,
-        });
     }
-    redis_benchmark::prime(redis.addr()).await?;
-    let get = redis_benchmark::run(redis.addr(), "GET", 1, config.duration).await?;
+    for ((_, what), p50) in FLOOR.iter().zip(*floor) {
+        println!("  floor: {what}: p50 {}", micros(p50));
+    }
     println!(
-        "  redis-benchmark GET -c 1: {:.0} req/s, p50 {}",
+        "  redis-benchmark GET -c 1 (median of {LATENCY_SLICES} slices): {:.0} req/s, p50 {}",
         get.rps,
         micros(get.p50_us)
     );
 
-    let report = render(
-        &config,
-        &machine,
-        &load_before,
-        &losses,
-        &rows,
-        &added,
-        &get,
-    );
+    let report = render(&config, &machine, &load_before, &losses, &rows, &cost);
     std::fs::write(&config.out, &report)?;
-    println!("\n{}", summary(&losses, &rows, &added, &get).join("\n"));
+    println!("\n{}", summary(&losses, &rows, &cost).join("\n"));
     println!("\nwrote {}", config.out.display());
     Ok(())
 }
 
-fn summary(
-    losses: &[(Side, Losses)],
-    rows: &[Measured],
-    added: &[Added],
-    get: &redis_benchmark::PeerResult,
-) -> Vec<String> {
+fn summary(losses: &[(Side, Losses)], rows: &[Measured], cost: &ReadCost) -> Vec<String> {
+    let ReadCost { added, floor, get } = cost;
     let mut lines = Vec::new();
     for (side, l) in losses {
         lines.push(format!(
@@ -641,12 +951,27 @@ fn summary(
                     t / get_p50
                 ));
             }
-            if let (Some(n), Some(r)) = (a.noop.p50, a.read.p50) {
+            if let (Some(t), Some(f)) = (a.in_handler, floor[0]) {
+                lines.push(format!(
+                    "{}: that read is {:.2}x the floor, one GET on a bare socket timed in the same place ({f:.0} µs)",
+                    a.side.label(),
+                    t / f
+                ));
+            }
+            if let (Some(n), Some(r)) = (a.noop_p50, a.read_p50) {
                 let add = r - n;
                 lines.push(format!(
                     "{}: the read handler's HTTP p50 minus the no-session handler's: {add:.0} µs (read {r:.0} − no-session {n:.0}); ratio to the GET {:.2}",
                     a.side.label(),
                     add / get_p50
+                ));
+            }
+        }
+        for ((_, what), p50) in FLOOR.iter().zip(floor) {
+            if let Some(f) = p50 {
+                lines.push(format!(
+                    "floor: {what}, timed in a handler with no session layer: {f:.0} µs at p50; ratio to redis-benchmark's {:.2}",
+                    f / get_p50
                 ));
             }
         }
@@ -660,9 +985,9 @@ fn render(
     load_before: &str,
     losses: &[(Side, Losses)],
     rows: &[Measured],
-    added: &[Added],
-    get: &redis_benchmark::PeerResult,
+    cost: &ReadCost,
 ) -> String {
+    let ReadCost { added, floor, get } = cost;
     let mut md = String::new();
     // Writing to a String cannot fail.
     let _ = writeln!(md, "# statehouse-session vs tower-sessions\n");
@@ -681,7 +1006,7 @@ fn render(
         machine::load_average()
     );
     let _ = writeln!(md, "## Summary\n");
-    for line in summary(losses, rows, added, get) {
+    for line in summary(losses, rows, cost) {
         let _ = writeln!(md, "- {line}");
     }
     let _ = writeln!(
@@ -708,9 +1033,10 @@ fn render(
     }
     let _ = writeln!(
         md,
-        "\n## Throughput and latency\n\nOne instance per side, in this process, on the same Redis; a closed loop of HTTP/1.1 clients (reqwest, keep-alive), each with a session of its own; {} warm-up, {} measured per cell; the sides alternate cell by cell. `read`: the handler reads one field; `write`: it sets one field.\n",
+        "\n## Throughput and latency\n\nOne instance per side, in this process, on the same Redis; a closed loop of HTTP/1.1 clients (reqwest, keep-alive), each with a session of its own; {} warm-up, {} measured per side and round, {} rounds per cell on fresh instances, the side that goes first alternating round by round; a side's rounds are pooled. `read`: the handler reads one field; `write`: it sets one field.\n",
         humantime(config.warmup),
-        humantime(config.duration)
+        humantime(config.duration),
+        config.rounds
     );
     let _ = writeln!(
         md,
@@ -731,14 +1057,14 @@ fn render(
     }
     let _ = writeln!(
         md,
-        "\n## What a session read adds\n\nOne client, next to `redis-benchmark -t GET -c 1 -P 1` on the same server (a C client, one round trip). Two measures: the session read timed inside the handler (`Instant` around the first `get`, which loads the session: the time the handler waits for it), and, as seen by the HTTP client, p50 of the read handler minus p50 of a handler that never touches the session. The second also counts what waiting does to the rest of the request: a runtime thread that slept on Redis comes back to cold caches, where the no-session request never sleeps.\n"
+        "\n## What a session read adds\n\nOne client sends, in turn, a request to each handler below (both sides' no-session, read and timed-read handlers, and the floor handlers), in a new order each round, so that whatever the machine does meanwhile, and whatever one request leaves behind for the next, falls on all of them alike; `redis-benchmark -t GET -c 1 -P 1` (a C client, one round trip) runs on the same server in {LATENCY_SLICES} slices between stretches of that loop, and the median slice is quoted. Two measures: the session read timed inside the handler (`Instant` around the first `get`, which loads the session: the time the handler waits for it), and, as seen by the HTTP client, p50 of the read handler minus p50 of a handler that never touches the session. The second also counts what waiting does to the rest of the request: a runtime thread that slept on Redis comes back to cold caches, where the no-session request never sleeps. The floor rows time one read in a handler of another server in this process with no session layer, from as little as any client in a tokio handler can wait (a GET on a bare socket with RESP written by hand) to the one store call a session read makes (on a map shaped like these sessions): each row adds one layer to the one before.\n"
     );
     let _ = writeln!(
         md,
         "| side | in the handler p50 | no-session HTTP p50 | read HTTP p50 | difference |\n|---|---|---|---|---|"
     );
     for a in added {
-        let add = match (a.noop.p50, a.read.p50) {
+        let add = match (a.noop_p50, a.read_p50) {
             (Some(n), Some(r)) => format!("{:.0} µs", r - n),
             _ => "-".to_owned(),
         };
@@ -747,9 +1073,12 @@ fn render(
             "| {} | {} | {} | {} | {add} |",
             a.side.label(),
             micros(a.in_handler),
-            micros(a.noop.p50),
-            micros(a.read.p50)
+            micros(a.noop_p50),
+            micros(a.read_p50)
         );
+    }
+    for ((_, what), p50) in FLOOR.iter().zip(floor) {
+        let _ = writeln!(md, "| floor: {what} | {} | | | |", micros(*p50));
     }
     let _ = writeln!(
         md,

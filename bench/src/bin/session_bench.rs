@@ -33,6 +33,11 @@ struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     warmup: Duration,
 
+    /// Rounds per throughput cell: each round measures both sides, the one
+    /// that goes first alternating; a side's rounds are pooled.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+
     /// Requests of the lost-update test.
     #[arg(long, default_value_t = 1000)]
     updates: usize,
@@ -50,8 +55,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if args.concurrency.contains(&0) || args.updates == 0 {
-        eprintln!("session-bench: --concurrency values and --updates must be at least 1");
+    if args.concurrency.contains(&0) || args.updates == 0 || args.rounds == 0 {
+        eprintln!("session-bench: --concurrency values, --rounds and --updates must be at least 1");
         return ExitCode::FAILURE;
     }
     let config = SessionBenchConfig {
@@ -59,6 +64,7 @@ fn main() -> ExitCode {
         warmup: args.warmup,
         duration: args.duration,
         updates: args.updates,
+        rounds: args.rounds,
         out: args.out,
         command: command_line(),
         throughput_only: args.only.map(|only| {

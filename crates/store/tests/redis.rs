@@ -102,6 +102,32 @@ async fn unreachable_or_malformed_url_is_a_clear_config_error() {
     assert!(err.to_string().contains("unknown scheme"), "{err}");
 }
 
+/// Opening a store on a server that accepts connections but never answers
+/// (frozen with SIGSTOP: the kernel still completes the handshake) fails
+/// with a clear error; it does not hang. The store's connection gives its
+/// commands no timeout of their own (the policy bounds every call), so what
+/// opening waits for is bounded separately: redis-rs's handshake by the
+/// connect timeout (that is what ends this case), the opening PING by the
+/// same timeout in case a server answers the handshake and then stops.
+#[tokio::test]
+async fn opening_on_a_frozen_server_fails_within_the_timeout() {
+    let redis = RedisServer::start().expect("start redis-server");
+    redis.pause().unwrap();
+    let opening = open(
+        StoreConfig::new(redis.url())
+            .policy(Policy::fail_closed().with_timeout(Duration::from_millis(300))),
+    );
+    // Connect and PING are each bounded by 300 ms; 10 s means "hangs".
+    let result = tokio::time::timeout(Duration::from_secs(10), opening).await;
+    redis.resume().unwrap();
+    let err = result.expect("open hung on a frozen server").unwrap_err();
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+    assert!(
+        err.to_string().contains(&redis.url()),
+        "names the store: {err}"
+    );
+}
+
 /// A read cut short by the policy's timeout while the server is frozen
 /// (SIGSTOP) must not leave its late reply for a later read; and reads from
 /// many tasks at once each get their own key's value.
