@@ -13,7 +13,6 @@
 //! fallback to EVAL after a restart or failover flushed the script cache.
 //! New versions are `max(old + 1, TIME in µs)` computed inside the script.
 
-use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -302,12 +301,13 @@ fn ckey(key: &str) -> String {
     format!("c:{key}")
 }
 
-/// Splits `"{version}:{payload}"`.
-fn decode_versioned(raw: &[u8]) -> Option<Versioned> {
+/// Splits `"{version}:{payload}"`; the payload keeps `raw`'s buffer (no
+/// copy).
+fn decode_versioned(raw: Vec<u8>) -> Option<Versioned> {
     let colon = raw.iter().position(|&b| b == b':')?;
     let version = std::str::from_utf8(&raw[..colon]).ok()?.parse().ok()?;
     Some(Versioned {
-        value: Bytes::copy_from_slice(&raw[colon + 1..]),
+        value: Bytes::from(raw).slice(colon + 1..),
         version,
     })
 }
@@ -513,7 +513,7 @@ impl Backend for RedisBackend {
             .await
             .map_err(|e| self.error(key, e))?;
         raw.map(|raw| {
-            decode_versioned(&raw)
+            decode_versioned(raw)
                 .ok_or_else(|| StoreError::corrupt(&self.name, key, "value has no version prefix"))
         })
         .transpose()
@@ -580,7 +580,8 @@ impl Backend for RedisBackend {
     async fn map_read(&self, key: &str) -> Result<Option<FieldMap>> {
         let mut conn = self.conn.clone();
         let k = mkey(key);
-        let (raw, pttl): (HashMap<Vec<u8>, Vec<u8>>, i64) = redis::pipe()
+        // HGETALL's flat reply read as pairs: no intermediate hash map.
+        let (raw, pttl): (Vec<(Vec<u8>, Vec<u8>)>, i64) = redis::pipe()
             .cmd("HGETALL")
             .arg(&k)
             .cmd("PTTL")
@@ -610,7 +611,7 @@ impl Backend for RedisBackend {
             }
             let name = String::from_utf8(field).map_err(|_| corrupt("field name is not UTF-8"))?;
             let versioned =
-                decode_versioned(&value).ok_or_else(|| corrupt("field has no version prefix"))?;
+                decode_versioned(value).ok_or_else(|| corrupt("field has no version prefix"))?;
             map.fields.insert(name, versioned);
         }
         if !saw_meta {
