@@ -8,6 +8,13 @@
 //! distribution's) drives each with the same threads, connections and
 //! duration; a Lua `done` hook prints requests, errors and the p50/p99/p99.9
 //! latency. Every process listens on 127.0.0.1 only.
+//!
+//! A run is several rounds; each measures every subject once, the order
+//! rotated by one place per round, so that each subject takes each place and
+//! a drift of the machine's speed falls on all of them. A subject's rounds
+//! are pooled: req/s over all its requests and time, CPU per request over
+//! all its requests, latency percentiles the median of its rounds' (wrk
+//! reports percentiles, not histograms).
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -22,6 +29,8 @@ use crate::BoxError;
 pub struct LbBenchConfig {
     pub duration: Duration,
     pub warmup: Duration,
+    /// Rounds; each measures every subject once (see [`run`]).
+    pub rounds: usize,
     pub connections: usize,
     pub wrk_threads: usize,
     /// The `statehouse` binary (built with `--release`).
@@ -198,6 +207,8 @@ fn haproxy(dir: &Path, backends: &[u16]) -> Result<Subject, BoxError> {
 struct WrkResult {
     rps: f64,
     requests: u64,
+    /// The measured time, µs.
+    duration_us: u64,
     /// The proxy's CPU per request (µs, user and system), summed over its
     /// processes; `None` when wrk went straight to a backend.
     cpu_us: Option<(f64, f64)>,
@@ -247,6 +258,7 @@ fn wrk(
     Ok(WrkResult {
         rps: requests as f64 / (duration_us.max(1) as f64 / 1e6),
         requests,
+        duration_us,
         cpu_us: None,
         p50_us: p50,
         p99_us: p99,
@@ -256,6 +268,38 @@ fn wrk(
 }
 
 impl WrkResult {
+    /// One subject's rounds as one result: req/s over all requests and
+    /// time, CPU per request over all requests, each percentile the median
+    /// of the rounds' (the upper one of an even count).
+    fn pool(rounds: &[WrkResult]) -> Option<WrkResult> {
+        let requests: u64 = rounds.iter().map(|r| r.requests).sum();
+        let duration_us: u64 = rounds.iter().map(|r| r.duration_us).sum();
+        let median = |f: fn(&WrkResult) -> u64| {
+            let mut v: Vec<u64> = rounds.iter().map(f).collect();
+            v.sort_unstable();
+            v.get(v.len() / 2).copied()
+        };
+        let mut cpu = Some((0.0, 0.0));
+        for r in rounds {
+            let n = r.requests as f64;
+            cpu = cpu
+                .zip(r.cpu_us)
+                .map(|((u, s), (ru, rs))| (u + ru * n, s + rs * n));
+        }
+        let per = requests.max(1) as f64;
+        let cpu_us = cpu.map(|(u, s)| (u / per, s / per));
+        Some(WrkResult {
+            rps: requests as f64 / (duration_us.max(1) as f64 / 1e6),
+            requests,
+            duration_us,
+            cpu_us,
+            p50_us: median(|r| r.p50_us)?,
+            p99_us: median(|r| r.p99_us)?,
+            p999_us: median(|r| r.p999_us)?,
+            errors: rounds.iter().map(|r| r.errors).sum(),
+        })
+    }
+
     /// The row's cells, shared by the terminal and the Markdown tables; the
     /// CPU cell reads "12.2 µs (user 3.1 + system 9.1)", or a dash.
     fn cells(&self) -> [String; 6] {
@@ -341,50 +385,94 @@ pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
         ("nginx", Box::new(|| nginx(dir.path(), &ports))),
         ("haproxy", Box::new(|| haproxy(dir.path(), &ports))),
     ];
-    let mut results = Vec::new();
-    for (_, start) in &starts {
-        let subject = start()?;
-        // Warm-up: connections, pools and caches, not recorded.
-        wrk(
-            &script,
-            subject.port,
-            config.wrk_threads,
-            config.connections,
-            config.warmup,
-        )?;
-        let tree = subject
-            .proc
-            .as_ref()
-            .map(|p| crate::machine::process_tree(p.0.id()));
-        let before = tree.as_deref().map(crate::machine::cpu_ticks_of);
-        let mut r = wrk(
-            &script,
-            subject.port,
-            config.wrk_threads,
-            config.connections,
-            config.duration,
-        )?;
-        if let (Some(tree), Some((user, system))) = (tree.as_deref(), before) {
-            let (u, s) = crate::machine::cpu_ticks_of(tree);
-            r.cpu_us = Some((
-                crate::machine::cpu_us_per(u.saturating_sub(user), r.requests),
-                crate::machine::cpu_us_per(s.saturating_sub(system), r.requests),
-            ));
+    // Per subject (in `starts`' order): its name, configuration and rounds.
+    let mut measured: Vec<(&'static str, String, Vec<WrkResult>)> = Vec::new();
+    for round in 0..config.rounds {
+        println!("round {} of {}", round + 1, config.rounds);
+        for offset in 0..starts.len() {
+            let index = (round + offset) % starts.len();
+            let (name, cfg, r) = measure(&starts[index].1, &config, &script)?;
+            match measured.iter_mut().find(|(n, _, _)| *n == name) {
+                Some((_, _, rounds)) => rounds.push(r),
+                None => measured.push((name, cfg, vec![r])),
+            }
         }
-        let [rps, p50, p99, p999, errors, cpu] = r.cells();
-        println!(
-            "  {:<24} {rps:>9} req/s  p50 {p50:>6} µs  p99 {p99:>6} µs  p99.9 {p999:>6} µs  errors {errors}  {cpu}",
-            subject.name
-        );
-        results.push((subject.name, subject.config.clone(), r));
-        drop(subject.proc);
     }
     drop(backends);
+    let order = |name: &str| {
+        starts
+            .iter()
+            .position(|(key, _)| subject_key(name) == *key)
+            .unwrap_or(usize::MAX)
+    };
+    measured.sort_by_key(|(name, _, _)| order(name));
 
-    let report = render(&config, &machine, &load_before, &results);
+    let mut results = Vec::new();
+    println!("\npooled over {} rounds:", config.rounds);
+    for (name, cfg, rounds) in &measured {
+        let pooled = WrkResult::pool(rounds).ok_or("a subject with no round")?;
+        print_row(name, &pooled);
+        results.push((*name, cfg.clone(), pooled));
+    }
+    let report = render(&config, &machine, &load_before, &results, &measured);
     std::fs::write(&config.out, report)?;
     println!("\nwrote {}", config.out.display());
     Ok(())
+}
+
+/// The key in `run`'s list of starters of a subject's display name.
+fn subject_key(name: &str) -> &'static str {
+    match name {
+        "statehouse lb" => "statehouse",
+        "nginx" => "nginx",
+        "HAProxy" => "haproxy",
+        _ => "direct",
+    }
+}
+
+fn print_row(name: &str, r: &WrkResult) {
+    let [rps, p50, p99, p999, errors, cpu] = r.cells();
+    println!(
+        "  {name:<24} {rps:>9} req/s  p50 {p50:>6} µs  p99 {p99:>6} µs  p99.9 {p999:>6} µs  errors {errors}  {cpu}"
+    );
+}
+
+/// Starts one subject, warms it up, measures it and stops it.
+fn measure(
+    start: &Starter<'_>,
+    config: &LbBenchConfig,
+    script: &Path,
+) -> Result<(&'static str, String, WrkResult), BoxError> {
+    let subject = start()?;
+    // Warm-up: connections, pools and caches, not recorded.
+    wrk(
+        &script,
+        subject.port,
+        config.wrk_threads,
+        config.connections,
+        config.warmup,
+    )?;
+    let tree = subject
+        .proc
+        .as_ref()
+        .map(|p| crate::machine::process_tree(p.0.id()));
+    let before = tree.as_deref().map(crate::machine::cpu_ticks_of);
+    let mut r = wrk(
+        &script,
+        subject.port,
+        config.wrk_threads,
+        config.connections,
+        config.duration,
+    )?;
+    if let (Some(tree), Some((user, system))) = (tree.as_deref(), before) {
+        let (u, s) = crate::machine::cpu_ticks_of(tree);
+        r.cpu_us = Some((
+            crate::machine::cpu_us_per(u.saturating_sub(user), r.requests),
+            crate::machine::cpu_us_per(s.saturating_sub(system), r.requests),
+        ));
+    }
+    print_row(subject.name, &r);
+    Ok((subject.name, subject.config.clone(), r))
 }
 
 fn render(
@@ -392,6 +480,7 @@ fn render(
     machine: &[(&'static str, String)],
     load_before: &str,
     results: &[(&'static str, String, WrkResult)],
+    rounds: &[(&'static str, String, Vec<WrkResult>)],
 ) -> String {
     let mut md = String::new();
     // Writing to a String cannot fail.
@@ -416,11 +505,12 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "## Method\n\nThree `bench-backend` processes (axum, one thread each) answer `200 ok`. In front of them, one at a time: nothing (wrk straight at one backend: the ceiling), `statehouse lb`, nginx, HAProxy, each with round robin, upstream keep-alive and two workers/threads (the machine has two cores; statehouse runs tokio's default one worker per core). `wrk -t{} -c{} -d{}s` after a {}s warm-up, from the same machine; latencies from wrk's HDR histogram (µs); the proxy's CPU time per request (user and system, summed over its processes, from /proc) over the measured run. Client, proxy and backends share the two cores.\n",
+        "## Method\n\nThree `bench-backend` processes (axum, one thread each) answer `200 ok`. In front of them, one at a time: nothing (wrk straight at one backend: the ceiling), `statehouse lb`, nginx, HAProxy, each with round robin, upstream keep-alive and two workers/threads (the machine has two cores; statehouse runs tokio's default one worker per core). `wrk -t{} -c{} -d{}s` after a {}s warm-up, from the same machine; latencies from wrk's HDR histogram (µs); the proxy's CPU time per request (user and system, summed over its processes, from /proc) over the measured run. Client, proxy and backends share the two cores. {} rounds, each measuring every subject once on freshly started processes, the order rotated by one place per round; a subject's rounds are pooled: req/s over all its requests and time, CPU per request over all its requests, each latency percentile the median of its rounds'.\n",
         config.wrk_threads,
         config.connections,
         config.duration.as_secs(),
-        config.warmup.as_secs()
+        config.warmup.as_secs(),
+        config.rounds
     );
     let _ = writeln!(
         md,
@@ -448,6 +538,31 @@ fn render(
                 );
             }
         }
+    }
+    let round_rps = |name: &str| {
+        rounds
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, _, r)| r.iter().map(|r| r.rps).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let (ours, nginx, haproxy) = (
+        round_rps("statehouse lb"),
+        round_rps("nginx"),
+        round_rps("HAProxy"),
+    );
+    let _ = writeln!(
+        md,
+        "\n### Round by round\n\nThe order of the subjects rotates by one place per round.\n\n| round | statehouse lb req/s | nginx req/s | HAProxy req/s | lb / nginx | lb / HAProxy |\n|---|---|---|---|---|---|"
+    );
+    for (i, ((o, n), h)) in ours.iter().zip(&nginx).zip(&haproxy).enumerate() {
+        let _ = writeln!(
+            md,
+            "| {} | {o:.0} | {n:.0} | {h:.0} | {:.2}× | {:.2}× |",
+            i + 1,
+            o / n.max(1.0),
+            o / h.max(1.0)
+        );
     }
     let _ = writeln!(md, "\n## Configurations (as run; ports vary per run)\n");
     for (name, cfg, _) in results {

@@ -27,6 +27,10 @@ struct Args {
     /// Unrecorded load before each measurement.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     warmup: Duration,
+    /// Rounds: each measures every subject once, in an order rotated by one
+    /// place per round; a subject's rounds are pooled.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// wrk connections (`-c`).
     #[arg(long, default_value_t = 64)]
     connections: usize,
@@ -56,9 +60,14 @@ fn main() -> ExitCode {
         eprintln!("lb-bench: need 1 <= --wrk-threads <= --connections");
         return ExitCode::FAILURE;
     }
+    if args.rounds == 0 {
+        eprintln!("lb-bench: --rounds must be at least 1");
+        return ExitCode::FAILURE;
+    }
     let config = LbBenchConfig {
         duration: args.duration,
         warmup: args.warmup,
+        rounds: args.rounds,
         connections: args.connections,
         wrk_threads: args.wrk_threads,
         statehouse: args.statehouse,
