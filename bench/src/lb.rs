@@ -446,7 +446,7 @@ fn measure(
     let subject = start()?;
     // Warm-up: connections, pools and caches, not recorded.
     wrk(
-        &script,
+        script,
         subject.port,
         config.wrk_threads,
         config.connections,
@@ -458,7 +458,7 @@ fn measure(
         .map(|p| crate::machine::process_tree(p.0.id()));
     let before = tree.as_deref().map(crate::machine::cpu_ticks_of);
     let mut r = wrk(
-        &script,
+        script,
         subject.port,
         config.wrk_threads,
         config.connections,
