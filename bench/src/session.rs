@@ -32,6 +32,7 @@ use statehouse_store::{StoreConfig, open};
 use statehouse_testkit::RedisServer;
 
 use crate::driver::{Outcome, Sample, Window, Workload, closed_loop};
+use crate::workloads::VALUE_BYTES;
 use crate::{BoxError, machine, redis_benchmark};
 
 /// What a run measures and where it writes.
@@ -75,9 +76,10 @@ impl Side {
     }
 }
 
-/// The key the floor handlers read: a 3-byte value, like the one
-/// redis-benchmark's GET reads.
+/// The key the floor handlers read, and its value: as long as the values
+/// redis-benchmark's GET reads here (`-d`).
 const PROBE_KEY: &str = "probe";
+const PROBE_VALUE: [u8; VALUE_BYTES] = [b'x'; VALUE_BYTES];
 
 /// A value no earlier write stored, so every write handler call changes the
 /// session on both sides.
@@ -276,17 +278,25 @@ const FLOOR: [(&str, &str); FLOORS] = [
 ];
 const FLOORS: usize = 5;
 
-/// One plain `GET` on a dedicated connection, RESP by hand; the reply to a
-/// 3-byte value is the 9 bytes `$3\r\nxxx\r\n`.
+/// The RESP bulk string `value` is sent and answered as.
+fn bulk(value: &[u8]) -> Vec<u8> {
+    let mut out = format!("${}\r\n", value.len()).into_bytes();
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// One plain `GET` on a dedicated connection, RESP by hand: the request
+/// written whole, then exactly the reply [`PROBE_VALUE`] is answered with.
 async fn socket_get(socket: &tokio::sync::Mutex<tokio::net::TcpStream>) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = [&b"*2\r\n"[..], &bulk(b"GET"), &bulk(PROBE_KEY.as_bytes())].concat();
+    let expected = bulk(&PROBE_VALUE);
+    let mut reply = vec![0u8; expected.len()];
     let mut socket = socket.lock().await;
-    socket
-        .write_all(format!("*2\r\n$3\r\nGET\r\n${}\r\n{PROBE_KEY}\r\n", PROBE_KEY.len()).as_bytes())
-        .await?;
-    let mut reply = [0u8; 9];
+    socket.write_all(&request).await?;
     socket.read_exact(&mut reply).await?;
-    if &reply != b"$3\r\nxxx\r\n" {
+    if reply != expected {
         return Err(std::io::Error::other("unexpected GET reply"));
     }
     Ok(())
@@ -316,11 +326,14 @@ async fn floor_app(redis: &RedisServer, timers: &[ReadTimer; FLOORS]) -> Result<
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = tokio::net::TcpStream::connect(redis.addr()).await?;
     socket.set_nodelay(true)?;
-    let set = format!(
-        "*3\r\n$3\r\nSET\r\n${}\r\n{PROBE_KEY}\r\n$3\r\nxxx\r\n",
-        PROBE_KEY.len()
-    );
-    socket.write_all(set.as_bytes()).await?;
+    let set = [
+        &b"*3\r\n"[..],
+        &bulk(b"SET"),
+        &bulk(PROBE_KEY.as_bytes()),
+        &bulk(&PROBE_VALUE),
+    ]
+    .concat();
+    socket.write_all(&set).await?;
     let mut ok = [0u8; 5];
     socket.read_exact(&mut ok).await?;
     if &ok != b"+OK\r\n" {
@@ -332,7 +345,7 @@ async fn floor_app(redis: &RedisServer, timers: &[ReadTimer; FLOORS]) -> Result<
     store
         .put(
             PROBE_KEY,
-            &b"xxx"[..],
+            &PROBE_VALUE[..],
             None,
             statehouse_store::Condition::Any,
         )
