@@ -85,14 +85,18 @@ impl Sample {
 
     /// Latency at `quantile`, in microseconds; `None` when nothing succeeded.
     pub(crate) fn micros_at(&self, quantile: f64) -> Option<f64> {
-        (!self.latency_ns.is_empty())
-            .then(|| self.latency_ns.value_at_quantile(quantile) as f64 / 1_000.0)
+        micros_at(&self.latency_ns, quantile)
     }
+}
+
+/// A nanosecond histogram's value at `quantile`, in microseconds; `None` when it is empty.
+pub(crate) fn micros_at(histogram: &Histogram<u64>, quantile: f64) -> Option<f64> {
+    (!histogram.is_empty()).then(|| histogram.value_at_quantile(quantile) as f64 / 1_000.0)
 }
 
 /// Nanoseconds rather than the microseconds a report shows: the memory backend answers in well
 /// under a microsecond, and a microsecond histogram would flatten it to 0 or 1.
-fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     // 1 ns to 60 s at 3 significant digits (0.1% resolution): wider than any call can take under
     // the store's 1 s timeout.
     Histogram::new_with_bounds(1, 60_000_000_000, 3)

@@ -366,46 +366,33 @@ pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
         config.duration.as_secs(),
         config.warmup.as_secs()
     );
-    let starts: [(&str, Starter<'_>); 4] = [
-        (
-            "direct",
-            Box::new(|| {
-                Ok(Subject {
-                    name: "direct to one backend",
-                    config: String::new(),
-                    proc: None,
-                    port: ports[0],
-                })
-            }),
-        ),
-        (
-            "statehouse",
-            Box::new(|| statehouse(&config.statehouse, dir.path(), &ports)),
-        ),
-        ("nginx", Box::new(|| nginx(dir.path(), &ports))),
-        ("haproxy", Box::new(|| haproxy(dir.path(), &ports))),
+    let starts: [Starter<'_>; 4] = [
+        Box::new(|| {
+            Ok(Subject {
+                name: "direct to one backend",
+                config: String::new(),
+                proc: None,
+                port: ports[0],
+            })
+        }),
+        Box::new(|| statehouse(&config.statehouse, dir.path(), &ports)),
+        Box::new(|| nginx(dir.path(), &ports)),
+        Box::new(|| haproxy(dir.path(), &ports)),
     ];
-    // Per subject (in `starts`' order): its name, configuration and rounds.
-    let mut measured: Vec<(&'static str, String, Vec<WrkResult>)> = Vec::new();
+    // Per subject, in `starts`' order: its name, configuration and rounds.
+    let mut measured: Vec<(&'static str, String, Vec<WrkResult>)> =
+        vec![("", String::new(), Vec::new()); starts.len()];
     for round in 0..config.rounds {
         println!("round {} of {}", round + 1, config.rounds);
         for offset in 0..starts.len() {
             let index = (round + offset) % starts.len();
-            let (name, cfg, r) = measure(&starts[index].1, &config, &script)?;
-            match measured.iter_mut().find(|(n, _, _)| *n == name) {
-                Some((_, _, rounds)) => rounds.push(r),
-                None => measured.push((name, cfg, vec![r])),
-            }
+            let (name, cfg, r) = measure(&starts[index], &config, &script)?;
+            let entry = &mut measured[index];
+            (entry.0, entry.1) = (name, cfg);
+            entry.2.push(r);
         }
     }
     drop(backends);
-    let order = |name: &str| {
-        starts
-            .iter()
-            .position(|(key, _)| subject_key(name) == *key)
-            .unwrap_or(usize::MAX)
-    };
-    measured.sort_by_key(|(name, _, _)| order(name));
 
     let mut results = Vec::new();
     println!("\npooled over {} rounds:", config.rounds);
@@ -418,16 +405,6 @@ pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
     std::fs::write(&config.out, report)?;
     println!("\nwrote {}", config.out.display());
     Ok(())
-}
-
-/// The key in `run`'s list of starters of a subject's display name.
-fn subject_key(name: &str) -> &'static str {
-    match name {
-        "statehouse lb" => "statehouse",
-        "nginx" => "nginx",
-        "HAProxy" => "haproxy",
-        _ => "direct",
-    }
 }
 
 fn print_row(name: &str, r: &WrkResult) {

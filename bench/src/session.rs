@@ -31,7 +31,7 @@ use statehouse_session::{SessionConfig, SessionError, SessionKeys, SessionLayer}
 use statehouse_store::{StoreConfig, open};
 use statehouse_testkit::RedisServer;
 
-use crate::driver::{Outcome, Sample, Window, Workload, closed_loop};
+use crate::driver::{Outcome, Sample, Window, Workload, closed_loop, micros_at, new_histogram};
 use crate::workloads::VALUE_BYTES;
 use crate::{BoxError, machine, redis_benchmark};
 
@@ -98,10 +98,8 @@ fn next_value() -> String {
 struct ReadTimer(Arc<std::sync::Mutex<Histogram<u64>>>);
 
 impl ReadTimer {
-    fn new() -> Result<Self, BoxError> {
-        // 1 ns to 60 s: `saturating_record` clamps rather than resizes.
-        let histogram = Histogram::new_with_bounds(1, 60_000_000_000, 3)?;
-        Ok(Self(Arc::new(std::sync::Mutex::new(histogram))))
+    fn new() -> Self {
+        Self(Arc::new(std::sync::Mutex::new(new_histogram())))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Histogram<u64>> {
@@ -124,8 +122,7 @@ impl ReadTimer {
     }
 
     fn p50_micros(&self) -> Option<f64> {
-        let h = self.lock();
-        (!h.is_empty()).then(|| h.value_at_quantile(0.5) as f64 / 1000.0)
+        micros_at(&self.lock(), 0.5)
     }
 }
 
@@ -443,7 +440,7 @@ async fn serve(router: Router) -> Result<String, BoxError> {
 
 async fn start(side: Side, redis: &RedisServer, prefix: &str) -> Result<Pair, BoxError> {
     let mut urls = Vec::new();
-    let timer = ReadTimer::new()?;
+    let timer = ReadTimer::new();
     for _ in 0..2 {
         let router = match side {
             Side::Statehouse => {
@@ -728,17 +725,16 @@ struct Probe {
 }
 
 impl Probe {
-    fn new(url: String, cookie: Option<String>) -> Result<Self, BoxError> {
-        Ok(Probe {
+    fn new(url: String, cookie: Option<String>) -> Self {
+        Probe {
             url,
             cookie,
-            latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3)?,
-        })
+            latency_ns: new_histogram(),
+        }
     }
 
     fn p50_micros(&self) -> Option<f64> {
-        (!self.latency_ns.is_empty())
-            .then(|| self.latency_ns.value_at_quantile(0.5) as f64 / 1000.0)
+        micros_at(&self.latency_ns, 0.5)
     }
 }
 
@@ -798,16 +794,14 @@ async fn read_cost(redis: &RedisServer, window: Window) -> Result<ReadCost, BoxE
         let first = http.post(format!("{base}/write")).send().await?;
         let cookie = set_cookie(&first).ok_or("no session cookie")?;
         for path in ["/noop", "/read", "/read-timed"] {
-            probes.push(Probe::new(format!("{base}{path}"), Some(cookie.clone()))?);
+            probes.push(Probe::new(format!("{base}{path}"), Some(cookie.clone())));
         }
         timers.push(pair.timer);
     }
-    let floor = [(); FLOORS].map(|()| ReadTimer::new());
-    let floor = floor.into_iter().collect::<Result<Vec<_>, _>>()?;
-    let floor: [ReadTimer; FLOORS] = floor.try_into().map_err(|_| "a timer per floor handler")?;
+    let floor: [ReadTimer; FLOORS] = std::array::from_fn(|_| ReadTimer::new());
     let base = serve(floor_app(redis, &floor).await?).await?;
     for (path, _) in FLOOR {
-        probes.push(Probe::new(format!("{base}{path}"), None)?);
+        probes.push(Probe::new(format!("{base}{path}"), None));
     }
 
     interleave(&http, &mut probes, window.warmup).await?;
