@@ -443,11 +443,37 @@ pub async fn map_ttl(store: &Store) {
             .await
             .unwrap()
     );
+    let left = store
+        .map_read("mt")
+        .await
+        .unwrap()
+        .value
+        .unwrap()
+        .expires_in
+        .expect("a touched map has a TTL");
+    assert!(
+        left > ttl && left <= Duration::from_secs(30),
+        "expires_in after the touch {left:?}"
+    );
     wait_past(ttl).await;
     assert!(
         store.map_read("mt").await.unwrap().is_some(),
         "touch extended it"
     );
+    // A patch without TTL keeps the touched expiry, as the read reports it.
+    store
+        .map_patch("mt", &MapPatch::new().set("after", "1"))
+        .await
+        .unwrap();
+    let left = store
+        .map_read("mt")
+        .await
+        .unwrap()
+        .value
+        .unwrap()
+        .expires_in
+        .expect("the touched TTL is kept");
+    assert!(left > ttl, "expires_in after a patch without TTL {left:?}");
 }
 
 pub async fn map_max_bytes(store: &Store) {

@@ -2,16 +2,19 @@
 //!
 //! Layout in Redis (all of it private to this module):
 //! - versioned value: string `v:{key}` = `"{version}:{payload}"`;
-//! - field map: hash `m:{key}`, the meta field `""` holds the map's version
-//!   and size (`"{version}:{size}"`), every other field `"{version}:{payload}"`. One key per map, so all of a
-//!   map's fields live in one Cluster slot and a Lua script patches them
-//!   atomically;
+//! - field map: hash `m:{key}`, the meta field `""` holds the map's version,
+//!   size and expiry deadline (`"{version}:{size}:{deadline}"`, see
+//!   [`Meta`]), every other field `"{version}:{payload}"`. One key per map,
+//!   so all of a map's fields live in one Cluster slot and a Lua script
+//!   patches them atomically;
 //! - counter: string `c:{key}` handled by INCRBY.
 //!
-//! Reads are plain commands (GET; HGETALL + PTTL pipelined in one round
-//! trip). Conditional writes are Lua scripts, sent by EVALSHA with a
-//! fallback to EVAL after a restart or failover flushed the script cache.
-//! New versions are `max(old + 1, TIME in µs)` computed inside the script.
+//! Reads are one plain command each (GET; HGETALL: a map's time to live is
+//! read from the deadline in its meta field, not by a second command).
+//! Conditional writes and map touches are Lua scripts, sent by EVALSHA with
+//! a fallback to EVAL after a restart or failover flushed the script cache.
+//! New versions are `max(old + 1, TIME in µs)` and deadlines `TIME in ms +
+//! TTL`, both computed inside the script from the server's clock.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -312,6 +315,47 @@ fn decode_versioned(raw: Vec<u8>) -> Option<Versioned> {
     })
 }
 
+/// A map's meta field, `version [":" size [":" deadline]]`: the map's
+/// version; the sum of its field name and payload lengths (empty: not
+/// counted yet); the Unix time in ms, by the server's clock, at which the
+/// TTL last set ends (empty: no expiry). Maps written before deadlines were
+/// recorded have no third part. Only the version and deadline are read here;
+/// the size is the patch script's.
+struct Meta {
+    version: u64,
+    deadline: Deadline,
+}
+
+enum Deadline {
+    At(u64),
+    Never,
+    Unrecorded,
+}
+
+impl Meta {
+    fn parse(raw: &[u8]) -> Option<Meta> {
+        let mut parts = std::str::from_utf8(raw).ok()?.splitn(3, ':');
+        let version = parts.next()?.parse().ok()?;
+        let _size = parts.next();
+        let deadline = match parts.next() {
+            None => Deadline::Unrecorded,
+            Some("") => Deadline::Never,
+            Some(ms) => Deadline::At(ms.parse().ok()?),
+        };
+        Some(Meta { version, deadline })
+    }
+}
+
+/// Now, by this host's clock, in the unit of [`Meta`]'s deadline. The time
+/// left that a map read reports is the server's deadline minus this: off by
+/// the skew between the two clocks (NTP keeps that to milliseconds; the
+/// session layer uses it only to decide when to refresh a session's TTL).
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 // Shared Lua helpers, prepended to every script that parses stored values.
 const LUA_PRELUDE: &str = r#"
 local function split(raw)
@@ -320,10 +364,29 @@ local function split(raw)
   if not v then error('CORRUPT stored value has no version prefix') end
   return v, string.sub(raw, i + 1)
 end
-local function next_version(prev)
+local function now_us()
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  return math.max(prev + 1, now)
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function next_version(prev)
+  return math.max(prev + 1, now_us())
+end
+-- A map's meta field: version [':' size [':' deadline]]. Returns the
+-- version, the size (nil: not counted yet) and the deadline as stored (''
+-- for no expiry; nil: not recorded, a map written before deadlines were).
+local function parse_meta(meta)
+  local i = string.find(meta, ':', 1, true)
+  local seq = tonumber(i and string.sub(meta, 1, i - 1) or meta)
+  if not seq then error('CORRUPT map version is not a number') end
+  if not i then return seq, nil, nil end
+  local rest = string.sub(meta, i + 1)
+  local j = string.find(rest, ':', 1, true)
+  if not j then return seq, tonumber(rest), nil end
+  return seq, tonumber(string.sub(rest, 1, j - 1)), string.sub(rest, j + 1)
+end
+local function format_meta(seq, size, deadline)
+  local s = size and string.format('%d', size) or ''
+  return string.format('%d', seq) .. ':' .. s .. ':' .. deadline
 end
 "#;
 
@@ -363,10 +426,11 @@ return 1
 /// {0, version, counters...} or {-1} exists, {-2} not found, {-3, cond
 /// index} mismatch, {-4, op index} not an integer, {-5, size} over max bytes.
 ///
-/// The meta field `""` holds `"{version}:{size}"`, size being the sum of
-/// field name and payload lengths, kept up to date by every patch so the
-/// limit costs no scan. A script cannot roll back, so pass 1 computes every
-/// outcome (counters, size) before pass 2 writes anything.
+/// The meta field `""` holds `"{version}:{size}:{deadline}"` ([`Meta`]),
+/// size being the sum of field name and payload lengths, kept up to date by
+/// every patch so the limit costs no scan. A script cannot roll back, so
+/// pass 1 computes every outcome (counters, size) before pass 2 writes
+/// anything.
 const PATCH_LUA: &str = r#"
 local k = KEYS[1]
 local exists = redis.call('EXISTS', k) == 1
@@ -387,18 +451,9 @@ for c = 1, tonumber(ARGV[4]) do
 end
 local nops = tonumber(ARGV[idx])
 idx = idx + 1
-local seq, size = 0, nil
+local seq, size, deadline = 0, nil, nil
 local meta = redis.call('HGET', k, '')
-if meta then
-  local i = string.find(meta, ':', 1, true)
-  if i then
-    seq = tonumber(string.sub(meta, 1, i - 1))
-    size = tonumber(string.sub(meta, i + 1))
-  else
-    seq = tonumber(meta)
-  end
-  if not seq then error('CORRUPT map version is not a number') end
-end
+if meta then seq, size, deadline = parse_meta(meta) end
 if not size then
   -- A map written without its size yet: count it once.
   size = 0
@@ -454,9 +509,20 @@ for o = 1, nops do
 end
 if max > 0 and size > max then return {-5, size} end
 -- Pass 2: write the final state of every touched field.
-local ver = next_version(seq)
+local now = now_us()
+local ver = math.max(seq + 1, now)
 local vs = string.format('%d', ver)
-redis.call('HSET', k, '', vs .. ':' .. string.format('%d', size))
+local ttl = tonumber(ARGV[1])
+if ttl > 0 then
+  deadline = string.format('%d', math.floor(now / 1000) + ttl)
+elseif not exists then
+  deadline = ''
+elseif not deadline then
+  -- A map written before deadlines were recorded: record its expiry now.
+  local left = redis.call('PTTL', k)
+  if left >= 0 then deadline = string.format('%d', math.floor(now / 1000) + left) else deadline = '' end
+end
+redis.call('HSET', k, '', format_meta(ver, size, deadline))
 for f, v in pairs(cur) do
   if v then
     redis.call('HSET', k, f, vs .. ':' .. v)
@@ -464,11 +530,24 @@ for f, v in pairs(cur) do
     redis.call('HDEL', k, f)
   end
 end
-local ttl = tonumber(ARGV[1])
 if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
 local out = {0, ver}
 for _, n in ipairs(counters) do table.insert(out, n) end
 return out
+"#;
+
+/// KEYS[1] map key; ARGV[1] ttl ms. Returns 1, or 0 if the map is absent.
+/// The new deadline goes into the meta field with the expiry, so a read
+/// needs no PTTL.
+const MAP_TOUCH_LUA: &str = r#"
+local k = KEYS[1]
+local ttl = tonumber(ARGV[1])
+if redis.call('PEXPIRE', k, ttl) == 0 then return 0 end
+local meta = redis.call('HGET', k, '')
+if not meta then error('CORRUPT map has no version field') end
+local seq, size = parse_meta(meta)
+redis.call('HSET', k, '', format_meta(seq, size, string.format('%d', math.floor(now_us() / 1000) + ttl)))
+return 1
 "#;
 
 /// KEYS[1] counter; ARGV: delta, ttl ms (0 none). TTL only on creation.
@@ -486,6 +565,8 @@ static DELETE_IF_VERSION: LazyLock<Script> =
 static PATCH: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{LUA_PRELUDE}{PATCH_LUA}")));
 static INCR: LazyLock<Script> = LazyLock::new(|| Script::new(INCR_LUA));
+static MAP_TOUCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{LUA_PRELUDE}{MAP_TOUCH_LUA}")));
 
 fn ttl_arg(ttl: Option<Duration>) -> i64 {
     ttl.map_or(0, ttl_millis)
@@ -581,10 +662,7 @@ impl Backend for RedisBackend {
         let mut conn = self.conn.clone();
         let k = mkey(key);
         // HGETALL's flat reply read as pairs: no intermediate hash map.
-        let (raw, pttl): (Vec<(Vec<u8>, Vec<u8>)>, i64) = redis::pipe()
-            .cmd("HGETALL")
-            .arg(&k)
-            .cmd("PTTL")
+        let raw: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
             .arg(&k)
             .query_async(&mut conn)
             .await
@@ -593,20 +671,14 @@ impl Backend for RedisBackend {
             return Ok(None);
         }
         let corrupt = |why: &str| StoreError::corrupt(&self.name, key, why);
-        let mut map = FieldMap {
-            expires_in: u64::try_from(pttl).ok().map(Duration::from_millis),
-            ..FieldMap::default()
-        };
-        let mut saw_meta = false;
+        let mut map = FieldMap::default();
+        let mut meta = None;
         for (field, value) in raw {
             if field.is_empty() {
-                // "{version}" or "{version}:{size}"
-                map.version = std::str::from_utf8(&value)
-                    .ok()
-                    .and_then(|s| s.split(':').next())
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| corrupt("map version is not a number"))?;
-                saw_meta = true;
+                let parsed =
+                    Meta::parse(&value).ok_or_else(|| corrupt("map version is not a number"))?;
+                map.version = parsed.version;
+                meta = Some(parsed);
                 continue;
             }
             let name = String::from_utf8(field).map_err(|_| corrupt("field name is not UTF-8"))?;
@@ -614,9 +686,21 @@ impl Backend for RedisBackend {
                 decode_versioned(value).ok_or_else(|| corrupt("field has no version prefix"))?;
             map.fields.insert(name, versioned);
         }
-        if !saw_meta {
-            return Err(corrupt("map has no version field"));
-        }
+        let meta = meta.ok_or_else(|| corrupt("map has no version field"))?;
+        map.expires_in = match meta.deadline {
+            Deadline::At(ms) => Some(Duration::from_millis(ms.saturating_sub(unix_millis()))),
+            Deadline::Never => None,
+            Deadline::Unrecorded => {
+                // Written before deadlines were recorded (its next patch or
+                // touch records one): ask the server.
+                let pttl: i64 = redis::cmd("PTTL")
+                    .arg(&k)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.error(key, e))?;
+                u64::try_from(pttl).ok().map(Duration::from_millis)
+            }
+        };
         Ok(Some(map))
     }
 
@@ -695,7 +779,14 @@ impl Backend for RedisBackend {
     }
 
     async fn map_touch(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.pexpire(&mkey(key), key, ttl).await
+        let mut conn = self.conn.clone();
+        let touched: i64 = MAP_TOUCH
+            .key(mkey(key))
+            .arg(ttl_millis(ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        Ok(touched == 1)
     }
 
     async fn incr(&self, key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64> {

@@ -236,3 +236,119 @@ async fn the_urls_password_and_database_are_used() {
         "the store's key (default prefix `sh:`) is in database 3"
     );
 }
+
+/// Calls of `command` the server has answered so far (INFO commandstats).
+async fn calls(admin: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// A map read is one HGETALL: the time to live comes from the deadline the
+/// last patch or touch recorded in the map's meta field, not from a PTTL.
+/// A map written before deadlines were recorded (meta `"{version}:{size}"`
+/// or `"{version}"`) is still read right, with a PTTL, until its next patch
+/// or touch records one.
+#[tokio::test]
+async fn a_map_read_is_one_command_and_older_maps_still_report_their_ttl() {
+    let redis = RedisServer::start().expect("start redis-server");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let store = open(StoreConfig::new(redis.url())).await.unwrap();
+    let minute = Duration::from_secs(60);
+
+    store
+        .map_patch("new", &MapPatch::new().set("a", "1").ttl(minute))
+        .await
+        .unwrap();
+    store.map_touch("new", minute * 2).await.unwrap();
+    let (hgetall, pttl) = (
+        calls(&mut admin, "hgetall").await,
+        calls(&mut admin, "pttl").await,
+    );
+    for _ in 0..5 {
+        let map = store.map_read("new").await.unwrap().into_inner().unwrap();
+        let left = map.expires_in.expect("the map has a TTL");
+        assert!(
+            left > minute && left <= minute * 2,
+            "after the touch: {left:?}"
+        );
+    }
+    assert_eq!(calls(&mut admin, "hgetall").await, hgetall + 5);
+    assert_eq!(calls(&mut admin, "pttl").await, pttl, "no PTTL per read");
+
+    // Written by an earlier version: meta without a deadline, one with an
+    // expiry, one without.
+    for (key, meta) in [("m:sh:old", "7:4"), ("m:sh:older", "7")] {
+        redis::pipe()
+            .cmd("HSET")
+            .arg(key)
+            .arg("")
+            .arg(meta)
+            .arg("f")
+            .arg("7:abc")
+            .ignore()
+            .query_async::<()>(&mut admin)
+            .await
+            .unwrap();
+    }
+    redis::cmd("PEXPIRE")
+        .arg("m:sh:old")
+        .arg(minute.as_millis() as u64)
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    let read = |key: &'static str| {
+        let store = store.clone();
+        async move { store.map_read(key).await.unwrap().into_inner().unwrap() }
+    };
+    let old = read("old").await;
+    assert_eq!(
+        (old.version, old.get("f").unwrap().as_ref()),
+        (7, &b"abc"[..])
+    );
+    let left = old.expires_in.expect("its expiry, from PTTL");
+    assert!(left > minute / 2 && left <= minute, "{left:?}");
+    assert_eq!(read("older").await.expires_in, None);
+
+    // A patch without TTL records the expiry the map has; a touch records
+    // the new one (even on a map whose size was never counted).
+    store
+        .map_patch("old", &MapPatch::new().set("g", "1"))
+        .await
+        .unwrap();
+    store.map_touch("older", minute * 3).await.unwrap();
+    let pttl = calls(&mut admin, "pttl").await;
+    let old = read("old").await;
+    let left = old.expires_in.expect("recorded by the patch");
+    assert!(left > minute / 2 && left <= minute, "{left:?}");
+    let older = read("older").await;
+    let left = older.expires_in.expect("recorded by the touch");
+    assert!(left > minute * 2 && left <= minute * 3, "{left:?}");
+    assert_eq!(
+        calls(&mut admin, "pttl").await,
+        pttl,
+        "no PTTL once recorded"
+    );
+    // The uncounted size is counted by the next patch, and checked.
+    store
+        .map_patch("older", &MapPatch::new().set("h", "22").max_bytes(7))
+        .await
+        .unwrap();
+    let err = store
+        .map_patch("older", &MapPatch::new().set("i", "3").max_bytes(7))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::TooLarge { size: 9, .. }),
+        "{err:?}"
+    );
+    assert_eq!(read("older").await.fields.len(), 2);
+}
