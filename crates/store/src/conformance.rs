@@ -385,6 +385,12 @@ pub async fn map_incr(store: &Store) {
     assert!(map.get("other").is_none(), "nothing applied");
 }
 
+/// The time left that a read of the live map `key` reports.
+async fn map_expires_in(store: &Store, key: &str) -> Option<Duration> {
+    let read = store.map_read(key).await.unwrap();
+    read.value.expect("the map is live").expires_in
+}
+
 pub async fn map_ttl(store: &Store) {
     let ttl = Duration::from_millis(250);
     store
@@ -399,14 +405,7 @@ pub async fn map_ttl(store: &Store) {
         .await
         .unwrap();
     assert!(
-        store
-            .map_read("mt")
-            .await
-            .unwrap()
-            .value
-            .unwrap()
-            .expires_in
-            .is_some(),
+        map_expires_in(store, "mt").await.is_some(),
         "a patch without TTL keeps the expiry"
     );
     wait_past(ttl).await;
@@ -443,13 +442,8 @@ pub async fn map_ttl(store: &Store) {
             .await
             .unwrap()
     );
-    let left = store
-        .map_read("mt")
+    let left = map_expires_in(store, "mt")
         .await
-        .unwrap()
-        .value
-        .unwrap()
-        .expires_in
         .expect("a touched map has a TTL");
     assert!(
         left > ttl && left <= Duration::from_secs(30),
@@ -465,13 +459,8 @@ pub async fn map_ttl(store: &Store) {
         .map_patch("mt", &MapPatch::new().set("after", "1"))
         .await
         .unwrap();
-    let left = store
-        .map_read("mt")
+    let left = map_expires_in(store, "mt")
         .await
-        .unwrap()
-        .value
-        .unwrap()
-        .expires_in
         .expect("the touched TTL is kept");
     assert!(left > ttl, "expires_in after a patch without TTL {left:?}");
 }
