@@ -57,7 +57,14 @@ impl fmt::Debug for SessionId {
 struct Key {
     kid: String,
     secret: Vec<u8>,
+    /// HMAC keyed with `secret` with the domain prefix absorbed: each
+    /// cookie's MAC starts from a copy of it, so the key's inner and outer
+    /// pads are hashed once per ring, not once per request.
+    keyed: HmacSha256,
 }
+
+/// What every cookie MAC starts with: the format's domain separation.
+const MAC_DOMAIN: &[u8] = b"statehouse-session/v1|";
 
 /// The key ring for session cookies: newest first.
 #[derive(Clone)]
@@ -95,9 +102,16 @@ impl SessionKeys {
     {
         let keys: Vec<Key> = keys
             .into_iter()
-            .map(|(kid, secret)| Key {
-                kid: kid.into(),
-                secret: secret.into(),
+            .map(|(kid, secret)| {
+                let secret: Vec<u8> = secret.into();
+                let mut keyed =
+                    HmacSha256::new_from_slice(&secret).expect("HMAC takes keys of any length");
+                keyed.update(MAC_DOMAIN);
+                Key {
+                    kid: kid.into(),
+                    secret,
+                    keyed,
+                }
             })
             .collect();
         if keys.is_empty() {
@@ -176,9 +190,7 @@ impl SessionKeys {
     }
 
     fn mac(key: &Key, cookie_name: &str, payload: &str) -> HmacSha256 {
-        let mut mac =
-            HmacSha256::new_from_slice(&key.secret).expect("HMAC takes keys of any length");
-        mac.update(b"statehouse-session/v1|");
+        let mut mac = key.keyed.clone();
         mac.update(cookie_name.as_bytes());
         mac.update(b"|");
         mac.update(payload.as_bytes());
@@ -271,6 +283,21 @@ mod tests {
 
     fn ring(kid: &str, byte: u8) -> SessionKeys {
         SessionKeys::new([(kid, vec![byte; 32])]).unwrap()
+    }
+
+    /// The tag is HMAC-SHA256(secret, "statehouse-session/v1|" + cookie
+    /// name + "|" + payload), however the MAC is computed: cookies issued
+    /// by earlier builds keep verifying.
+    #[test]
+    fn the_tag_is_the_documented_hmac() {
+        let id = SessionId::random();
+        let value = ring("k1", 9).sign("sid", &id, 1_764_633_600);
+        let (payload, tag) = value.rsplit_once('.').unwrap();
+        assert_eq!(payload, format!("{}.1764633600.k1", id.as_str()));
+        let mut mac = HmacSha256::new_from_slice(&[9; 32]).unwrap();
+        mac.update(format!("statehouse-session/v1|sid|{payload}").as_bytes());
+        let want = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        assert_eq!(tag, want);
     }
 
     #[test]
