@@ -56,15 +56,40 @@ impl fmt::Debug for SessionId {
 #[derive(Clone)]
 struct Key {
     kid: String,
-    secret: Vec<u8>,
-    /// HMAC keyed with `secret` with the domain prefix absorbed: each
-    /// cookie's MAC starts from a copy of it, so the key's inner and outer
-    /// pads are hashed once per ring, not once per request.
+    /// HMAC keyed with the key's secret, the domain prefix absorbed: each
+    /// cookie's MAC starts from a copy of it, so the secret's inner and
+    /// outer pads are hashed once per ring, not once per request (and the
+    /// secret itself is not kept).
     keyed: HmacSha256,
 }
 
 /// What every cookie MAC starts with: the format's domain separation.
 const MAC_DOMAIN: &[u8] = b"statehouse-session/v1|";
+
+impl Key {
+    /// Checks the key id and the secret's length, and keys the HMAC.
+    fn new(kid: String, secret: &[u8]) -> Result<Key, KeyError> {
+        if kid.is_empty()
+            || kid.len() > 16
+            || !kid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(KeyError(format!(
+                "key id {kid:?} must be 1-16 characters of [A-Za-z0-9_-]"
+            )));
+        }
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(KeyError(format!(
+                "key {kid:?} is {} bytes; at least {MIN_SECRET_BYTES} are required",
+                secret.len()
+            )));
+        }
+        let mut keyed = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+        keyed.update(MAC_DOMAIN);
+        Ok(Key { kid, keyed })
+    }
+}
 
 /// The key ring for session cookies: newest first.
 #[derive(Clone)]
@@ -100,43 +125,12 @@ impl SessionKeys {
         K: Into<String>,
         S: Into<Vec<u8>>,
     {
-        let keys: Vec<Key> = keys
+        let keys = keys
             .into_iter()
-            .map(|(kid, secret)| {
-                let secret: Vec<u8> = secret.into();
-                let mut keyed =
-                    HmacSha256::new_from_slice(&secret).expect("HMAC takes keys of any length");
-                keyed.update(MAC_DOMAIN);
-                Key {
-                    kid: kid.into(),
-                    secret,
-                    keyed,
-                }
-            })
-            .collect();
+            .map(|(kid, secret)| Key::new(kid.into(), &secret.into()))
+            .collect::<Result<Vec<Key>, KeyError>>()?;
         if keys.is_empty() {
             return Err(KeyError("the ring needs at least one key".into()));
-        }
-        for key in &keys {
-            if key.kid.is_empty()
-                || key.kid.len() > 16
-                || !key
-                    .kid
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
-                return Err(KeyError(format!(
-                    "key id {:?} must be 1-16 characters of [A-Za-z0-9_-]",
-                    key.kid
-                )));
-            }
-            if key.secret.len() < MIN_SECRET_BYTES {
-                return Err(KeyError(format!(
-                    "key {:?} is {} bytes; at least {MIN_SECRET_BYTES} are required",
-                    key.kid,
-                    key.secret.len()
-                )));
-            }
         }
         for (i, key) in keys.iter().enumerate() {
             if keys[..i].iter().any(|k| k.kid == key.kid) {

@@ -368,8 +368,13 @@ local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local function next_version(prev)
-  return math.max(prev + 1, now_us())
+-- Versions are unique over time: max(previous + 1, now in µs).
+local function next_version(prev, now)
+  return math.max(prev + 1, now)
+end
+-- The meta field's deadline for a TTL of ttl_ms set at now (µs).
+local function deadline_after(now, ttl_ms)
+  return string.format('%d', math.floor(now / 1000) + ttl_ms)
 end
 -- A map's meta field: version [':' size [':' deadline]]. Returns the
 -- version, the size (nil: not counted yet) and the deadline as stored (''
@@ -403,7 +408,7 @@ if mode == 'version' then
   if not cur then return {-2, 0} end
   if curver ~= tonumber(ARGV[2]) then return {-3, 0} end
 end
-local ver = next_version(curver)
+local ver = next_version(curver, now_us())
 local val = string.format('%d', ver) .. ':' .. ARGV[4]
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then redis.call('SET', KEYS[1], val, 'PX', ttl) else redis.call('SET', KEYS[1], val) end
@@ -510,17 +515,17 @@ end
 if max > 0 and size > max then return {-5, size} end
 -- Pass 2: write the final state of every touched field.
 local now = now_us()
-local ver = math.max(seq + 1, now)
+local ver = next_version(seq, now)
 local vs = string.format('%d', ver)
 local ttl = tonumber(ARGV[1])
 if ttl > 0 then
-  deadline = string.format('%d', math.floor(now / 1000) + ttl)
+  deadline = deadline_after(now, ttl)
 elseif not exists then
   deadline = ''
 elseif not deadline then
   -- A map written before deadlines were recorded: record its expiry now.
   local left = redis.call('PTTL', k)
-  if left >= 0 then deadline = string.format('%d', math.floor(now / 1000) + left) else deadline = '' end
+  if left >= 0 then deadline = deadline_after(now, left) else deadline = '' end
 end
 redis.call('HSET', k, '', format_meta(ver, size, deadline))
 for f, v in pairs(cur) do
@@ -546,7 +551,7 @@ if redis.call('PEXPIRE', k, ttl) == 0 then return 0 end
 local meta = redis.call('HGET', k, '')
 if not meta then error('CORRUPT map has no version field') end
 local seq, size = parse_meta(meta)
-redis.call('HSET', k, '', format_meta(seq, size, string.format('%d', math.floor(now_us() / 1000) + ttl)))
+redis.call('HSET', k, '', format_meta(seq, size, deadline_after(now_us(), ttl)))
 return 1
 "#;
 
