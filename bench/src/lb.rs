@@ -202,6 +202,54 @@ fn haproxy(dir: &Path, backends: &[u16]) -> Result<Subject, BoxError> {
     })
 }
 
+/// User and system CPU time per request, µs.
+type UserSystem = (f64, f64);
+
+/// Where a run's CPU went, per request: client, proxy and backends share
+/// the machine's cores, so a proxy that costs its neighbours more shows here
+/// even when its own column does not.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuPerRequest {
+    /// The proxy, summed over its processes; `None` when wrk went straight
+    /// to a backend.
+    proxy: Option<UserSystem>,
+    /// The three backends together.
+    backends: UserSystem,
+    /// wrk.
+    client: UserSystem,
+}
+
+impl CpuPerRequest {
+    /// Every party's user + system time.
+    fn total(&self) -> f64 {
+        let (pu, ps) = self.proxy.unwrap_or_default();
+        pu + ps + self.backends.0 + self.backends.1 + self.client.0 + self.client.1
+    }
+
+    /// Rounds' CPU weighted by their requests; the proxy's only when every
+    /// round has it.
+    fn pool(rounds: &[WrkResult]) -> CpuPerRequest {
+        let per = rounds.iter().map(|r| r.requests).sum::<u64>().max(1) as f64;
+        let weighted = |f: &dyn Fn(&CpuPerRequest) -> Option<UserSystem>| {
+            rounds.iter().try_fold((0.0, 0.0), |(u, s), r| {
+                let (ru, rs) = f(&r.cpu)?;
+                let n = r.requests as f64;
+                Some((u + ru * n / per, s + rs * n / per))
+            })
+        };
+        CpuPerRequest {
+            proxy: weighted(&|c| c.proxy),
+            backends: weighted(&|c| Some(c.backends)).unwrap_or_default(),
+            client: weighted(&|c| Some(c.client)).unwrap_or_default(),
+        }
+    }
+}
+
+/// "12.2 (3.1 + 9.1)": the total, then user + system, µs.
+fn cpu_cell((user, system): UserSystem) -> String {
+    format!("{:.1} ({user:.1} + {system:.1})", user + system)
+}
+
 /// What wrk reported for one subject.
 #[derive(Debug, Clone)]
 struct WrkResult {
@@ -209,9 +257,8 @@ struct WrkResult {
     requests: u64,
     /// The measured time, µs.
     duration_us: u64,
-    /// The proxy's CPU per request (µs, user and system), summed over its
-    /// processes; `None` when wrk went straight to a backend.
-    cpu_us: Option<(f64, f64)>,
+    /// CPU per request of each party over the measured run.
+    cpu: CpuPerRequest,
     p50_us: u64,
     p99_us: u64,
     p999_us: u64,
@@ -259,7 +306,7 @@ fn wrk(
         rps: requests as f64 / (duration_us.max(1) as f64 / 1e6),
         requests,
         duration_us,
-        cpu_us: None,
+        cpu: CpuPerRequest::default(),
         p50_us: p50,
         p99_us: p99,
         p999_us: p999,
@@ -279,20 +326,11 @@ impl WrkResult {
             v.sort_unstable();
             v.get(v.len() / 2).copied()
         };
-        let mut cpu = Some((0.0, 0.0));
-        for r in rounds {
-            let n = r.requests as f64;
-            cpu = cpu
-                .zip(r.cpu_us)
-                .map(|((u, s), (ru, rs))| (u + ru * n, s + rs * n));
-        }
-        let per = requests.max(1) as f64;
-        let cpu_us = cpu.map(|(u, s)| (u / per, s / per));
         Some(WrkResult {
             rps: requests as f64 / (duration_us.max(1) as f64 / 1e6),
             requests,
             duration_us,
-            cpu_us,
+            cpu: CpuPerRequest::pool(rounds),
             p50_us: median(|r| r.p50_us)?,
             p99_us: median(|r| r.p99_us)?,
             p999_us: median(|r| r.p999_us)?,
@@ -300,23 +338,21 @@ impl WrkResult {
         })
     }
 
-    /// The row's cells, shared by the terminal and the Markdown tables; the
-    /// CPU cell reads "12.2 µs (user 3.1 + system 9.1)", or a dash.
-    fn cells(&self) -> [String; 6] {
-        let cpu = match self.cpu_us {
-            Some((user, system)) => format!(
-                "{:.1} µs (user {user:.1} + system {system:.1})",
-                user + system
-            ),
-            None => "—".to_owned(),
-        };
+    /// The row's cells, shared by the terminal and the Markdown tables:
+    /// req/s, p50, p99, p99.9, errors, then CPU per request (µs, "user +
+    /// system") of the proxy (a dash without one), the backends, wrk, and
+    /// all of them.
+    fn cells(&self) -> [String; 9] {
         [
             format!("{:.0}", self.rps),
             self.p50_us.to_string(),
             self.p99_us.to_string(),
             self.p999_us.to_string(),
             self.errors.to_string(),
-            cpu,
+            self.cpu.proxy.map_or_else(|| "—".to_owned(), cpu_cell),
+            cpu_cell(self.cpu.backends),
+            cpu_cell(self.cpu.client),
+            format!("{:.1}", self.cpu.total()),
         ]
     }
 }
@@ -358,6 +394,7 @@ pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
         backends.push(start_backend(&config.backend)?);
     }
     let ports: Vec<u16> = backends.iter().map(|(_, p)| *p).collect();
+    let backend_pids: Vec<u32> = backends.iter().map(|(p, _)| p.0.id()).collect();
 
     println!(
         "wrk -t{} -c{} -d{}s, after a {}s warm-up, against each of:",
@@ -386,7 +423,7 @@ pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
         println!("round {} of {}", round + 1, config.rounds);
         for offset in 0..starts.len() {
             let index = (round + offset) % starts.len();
-            let (name, cfg, r) = measure(&starts[index], &config, &script)?;
+            let (name, cfg, r) = measure(&starts[index], &config, &script, &backend_pids)?;
             let entry = &mut measured[index];
             (entry.0, entry.1) = (name, cfg);
             entry.2.push(r);
@@ -408,9 +445,11 @@ pub async fn run(config: LbBenchConfig) -> Result<(), BoxError> {
 }
 
 fn print_row(name: &str, r: &WrkResult) {
-    let [rps, p50, p99, p999, errors, cpu] = r.cells();
+    let [rps, p50, p99, p999, errors, proxy, backends, client, total] = r.cells();
     println!(
-        "  {name:<24} {rps:>9} req/s  p50 {p50:>6} µs  p99 {p99:>6} µs  p99.9 {p999:>6} µs  errors {errors}  {cpu}"
+        "  {name:<24} {rps:>9} req/s  p50 {p50:>6} µs  p99 {p99:>6} µs  p99.9 {p999:>6} µs  errors {errors}\n  \
+         {:<24} CPU µs/request: proxy {proxy}, backends {backends}, wrk {client}, all {total}",
+        ""
     );
 }
 
@@ -419,6 +458,7 @@ fn measure(
     start: &Starter<'_>,
     config: &LbBenchConfig,
     script: &Path,
+    backend_pids: &[u32],
 ) -> Result<(&'static str, String, WrkResult), BoxError> {
     let subject = start()?;
     // Warm-up: connections, pools and caches, not recorded.
@@ -434,6 +474,8 @@ fn measure(
         .as_ref()
         .map(|p| crate::machine::process_tree(p.0.id()));
     let before = tree.as_deref().map(crate::machine::cpu_ticks_of);
+    let backends_before = crate::machine::cpu_ticks_of(backend_pids);
+    let client_before = crate::machine::reaped_children_cpu_ticks();
     let mut r = wrk(
         script,
         subject.port,
@@ -441,13 +483,20 @@ fn measure(
         config.connections,
         config.duration,
     )?;
-    if let (Some(tree), Some((user, system))) = (tree.as_deref(), before) {
-        let (u, s) = crate::machine::cpu_ticks_of(tree);
-        r.cpu_us = Some((
+    let per_request = |(user, system): (u64, u64), (u, s): (u64, u64)| {
+        (
             crate::machine::cpu_us_per(u.saturating_sub(user), r.requests),
             crate::machine::cpu_us_per(s.saturating_sub(system), r.requests),
-        ));
-    }
+        )
+    };
+    r.cpu = CpuPerRequest {
+        proxy: tree
+            .as_deref()
+            .zip(before)
+            .map(|(tree, before)| per_request(before, crate::machine::cpu_ticks_of(tree))),
+        backends: per_request(backends_before, crate::machine::cpu_ticks_of(backend_pids)),
+        client: per_request(client_before, crate::machine::reaped_children_cpu_ticks()),
+    };
     print_row(subject.name, &r);
     Ok((subject.name, subject.config.clone(), r))
 }
@@ -482,7 +531,7 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "## Method\n\nThree `bench-backend` processes (axum, one thread each) answer `200 ok`. In front of them, one at a time: nothing (wrk straight at one backend: the ceiling), `statehouse lb`, nginx, HAProxy, each with round robin, upstream keep-alive and two workers/threads (the machine has two cores; statehouse runs tokio's default one worker per core). `wrk -t{} -c{} -d{}s` after a {}s warm-up, from the same machine; latencies from wrk's HDR histogram (µs); the proxy's CPU time per request (user and system, summed over its processes, from /proc) over the measured run. Client, proxy and backends share the two cores. {} rounds, each measuring every subject once on freshly started processes, the order rotated by one place per round; a subject's rounds are pooled: req/s over all its requests and time, CPU per request over all its requests, each latency percentile the median of its rounds'.\n",
+        "## Method\n\nThree `bench-backend` processes (axum, one thread each) answer `200 ok`. In front of them, one at a time: nothing (wrk straight at one backend: the ceiling), `statehouse lb`, nginx, HAProxy, each with round robin, upstream keep-alive and two workers/threads (the machine has two cores; statehouse runs tokio's default one worker per core). `wrk -t{} -c{} -d{}s` after a {}s warm-up, from the same machine; latencies from wrk's HDR histogram (µs); CPU time per request over the measured run (user + system, from /proc) of the proxy (summed over its processes), the three backends and wrk, and of all of them: they share the cores, so what a proxy costs its neighbours shows too. Client, proxy and backends share the two cores. {} rounds, each measuring every subject once on freshly started processes, the order rotated by one place per round; a subject's rounds are pooled: req/s over all its requests and time, CPU per request over all its requests, each latency percentile the median of its rounds'.\n",
         config.wrk_threads,
         config.connections,
         config.duration.as_secs(),
@@ -491,13 +540,13 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "## Results\n\n| subject | req/s | p50 | p99 | p99.9 | errors | proxy CPU per request |\n|---|---|---|---|---|---|---|"
+        "## Results\n\nLatencies in µs; CPU time in µs per request, as \"total (user + system)\".\n\n| subject | req/s | p50 | p99 | p99.9 | errors | CPU: proxy | backends | wrk | all |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for (name, _, r) in results {
-        let [rps, p50, p99, p999, errors, cpu] = r.cells();
+        let [rps, p50, p99, p999, errors, proxy, backends, client, total] = r.cells();
         let _ = writeln!(
             md,
-            "| {name} | {rps} | {p50} µs | {p99} µs | {p999} µs | {errors} | {cpu} |"
+            "| {name} | {rps} | {p50} | {p99} | {p999} | {errors} | {proxy} | {backends} | {client} | {total} |"
         );
     }
     let find = |n: &str| results.iter().find(|(name, _, _)| *name == n).map(|r| &r.2);

@@ -66,6 +66,14 @@ pub(crate) fn cpu_ticks_split(pid: &str) -> (u64, u64) {
         .unwrap_or((0, 0))
 }
 
+/// User and system CPU time of this process's children that have exited and
+/// been waited for (a `Command::output()`'s, say), in clock ticks.
+pub(crate) fn reaped_children_cpu_ticks() -> (u64, u64) {
+    stat_fields("self")
+        .and_then(|f| Some((f.get(13)?.parse().ok()?, f.get(14)?.parse().ok()?)))
+        .unwrap_or((0, 0))
+}
+
 /// User and system CPU time of several processes together, in clock ticks.
 pub(crate) fn cpu_ticks_of(pids: &[u32]) -> (u64, u64) {
     pids.iter()
@@ -169,6 +177,22 @@ fn mem_total(meminfo: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_the_cpu_of_reaped_children() {
+        let before = reaped_children_cpu_ticks();
+        let status = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done"])
+            .status()
+            .expect("sh runs");
+        assert!(status.success());
+        let (user, system) = reaped_children_cpu_ticks();
+        assert!(
+            user + system > before.0 + before.1,
+            "a busy child's CPU time is counted once it is reaped: {before:?} -> {:?}",
+            (user, system)
+        );
+    }
 
     #[test]
     fn reads_proc_files() {
