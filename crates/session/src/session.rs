@@ -40,7 +40,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn key(&self, id: &SessionId) -> String {
-        format!("{}{}", self.config.key_prefix, id.as_str())
+        [self.config.key_prefix.as_str(), id.as_str()].concat()
     }
 }
 

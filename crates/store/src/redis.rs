@@ -294,14 +294,15 @@ fn map_error(name: &str, key: &str, e: &RedisError) -> StoreError {
     StoreError::backend(name, e)
 }
 
+// `concat` allocates the key once at its length; `format!` would grow it.
 fn vkey(key: &str) -> String {
-    format!("v:{key}")
+    ["v:", key].concat()
 }
 fn mkey(key: &str) -> String {
-    format!("m:{key}")
+    ["m:", key].concat()
 }
 fn ckey(key: &str) -> String {
-    format!("c:{key}")
+    ["c:", key].concat()
 }
 
 /// Splits `"{version}:{payload}"`; the payload keeps `raw`'s buffer (no

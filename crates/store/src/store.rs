@@ -224,7 +224,7 @@ impl Store {
                 limit: self.inner.limits.max_key_bytes,
             });
         }
-        Ok(format!("{}{}", self.inner.prefix, key))
+        Ok([self.inner.prefix.as_str(), key].concat())
     }
 
     fn check_value(&self, len: usize) -> Result<()> {
