@@ -4,7 +4,10 @@
 //! Three `bench-backend` processes answer `200 ok`. In front of them, one at a
 //! time: nothing (wrk straight at one backend, the ceiling), `statehouse lb`,
 //! nginx and HAProxy — each configured equivalently: round robin, upstream
-//! keep-alive, two workers/threads (the machine's cores). `wrk` (the
+//! keep-alive, two workers/threads (the machine's cores), and the same
+//! headers added (`X-Forwarded-For`, `X-Forwarded-Proto`, `X-Request-Id` on
+//! the request, the id on the response, as statehouse lb does by default),
+//! so that every proxy does the same work. `wrk` (the
 //! distribution's) drives each with the same threads, connections and
 //! duration; a Lua `done` hook prints requests, errors and the p50/p99/p99.9
 //! latency. Every process listens on 127.0.0.1 only.
@@ -143,10 +146,14 @@ fn nginx(dir: &Path, backends: &[u16]) -> Result<Subject, BoxError> {
         "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}; proxy_temp_path {d};\n  \
+         map $http_x_request_id $rid {{ default $http_x_request_id; \"\" $request_id; }}\n  \
          fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  \
          upstream app {{\n{servers}    keepalive 64;\n  }}\n  \
          server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://app;\n      \
-         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      \
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      \
+         proxy_set_header X-Forwarded-Proto $scheme;\n      \
+         proxy_set_header X-Request-Id $rid;\n      add_header X-Request-Id $rid;\n    }}\n  }}\n}}\n"
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, &config)?;
@@ -179,7 +186,10 @@ fn haproxy(dir: &Path, backends: &[u16]) -> Result<Subject, BoxError> {
     let config = format!(
         "global\n  nbthread 2\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 2s\n  \
          timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\n\n\
-         frontend fe\n  bind 127.0.0.1:{port}\n  default_backend app\n\n\
+         frontend fe\n  bind 127.0.0.1:{port}\n  option forwardfor\n  \
+         http-request set-header X-Forwarded-Proto http\n  \
+         unique-id-format %[uuid()]\n  unique-id-header X-Request-Id\n  \
+         http-response set-header X-Request-Id %[unique-id]\n  default_backend app\n\n\
          backend app\n  balance roundrobin\n{servers}"
     );
     let path = dir.join("haproxy.cfg");
@@ -531,7 +541,7 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "## Method\n\nThree `bench-backend` processes (axum, one thread each) answer `200 ok`. In front of them, one at a time: nothing (wrk straight at one backend: the ceiling), `statehouse lb`, nginx, HAProxy, each with round robin, upstream keep-alive and two workers/threads (the machine has two cores; statehouse runs tokio's default one worker per core). `wrk -t{} -c{} -d{}s` after a {}s warm-up, from the same machine; latencies from wrk's HDR histogram (µs); CPU time per request over the measured run (user + system, from /proc) of the proxy (summed over its processes), the three backends and wrk, and of all of them: they share the cores, so what a proxy costs its neighbours shows too. Client, proxy and backends share the two cores. {} rounds, each measuring every subject once on freshly started processes, the order rotated by one place per round; a subject's rounds are pooled: req/s over all its requests and time, CPU per request over all its requests, each latency percentile the median of its rounds'.\n",
+        "## Method\n\nThree `bench-backend` processes (axum, one thread each) answer `200 ok`. In front of them, one at a time: nothing (wrk straight at one backend: the ceiling), `statehouse lb`, nginx, HAProxy, each with round robin, upstream keep-alive and two workers/threads (the machine has two cores; statehouse runs tokio's default one worker per core), and each doing to the traffic what statehouse lb does by default: `X-Forwarded-For`, `X-Forwarded-Proto` and an `X-Request-Id` (32 hex digits; HAProxy's a 36-character UUID) added to the request, and the id returned on the response. `wrk -t{} -c{} -d{}s` after a {}s warm-up, from the same machine; latencies from wrk's HDR histogram (µs); CPU time per request over the measured run (user + system, from /proc) of the proxy (summed over its processes), the three backends and wrk, and of all of them: they share the cores, so what a proxy costs its neighbours shows too. Client, proxy and backends share the two cores. {} rounds, each measuring every subject once on freshly started processes, the order rotated by one place per round; a subject's rounds are pooled: req/s over all its requests and time, CPU per request over all its requests, each latency percentile the median of its rounds'.\n",
         config.wrk_threads,
         config.connections,
         config.duration.as_secs(),
