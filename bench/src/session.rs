@@ -1,7 +1,7 @@
 //! `session-bench`: statehouse-session next to tower-sessions with its Redis
 //! store (tower-sessions-redis-store, fred), on the same private
-//! redis-server, with the same handler shapes, driven by the same HTTP
-//! client in the same run.
+//! redis-server, with the same handler shapes and signed cookies on both
+//! sides, driven by the same HTTP client in the same run.
 //!
 //! It measures:
 //! 1. lost updates: two instances of each app share one Redis; 1,000
@@ -193,7 +193,14 @@ fn tower_sessions_app(pool: fred::prelude::Pool, timer: ReadTimer) -> Router {
     fn fail(e: impl std::fmt::Display) -> Failure {
         (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
     }
-    let layer = SessionManagerLayer::new(RedisStore::new(pool)).with_secure(false);
+    // Signed, as statehouse-session's cookie always is (the project's
+    // security default): unsigned, the peer would skip the HMAC our side
+    // computes on every request. (Its cookie crate takes 64 bytes of key and
+    // signs with 32 of them.)
+    let key = tower_sessions::cookie::Key::from(&[3u8; 64]);
+    let layer = SessionManagerLayer::new(RedisStore::new(pool))
+        .with_secure(false)
+        .with_signed(key);
     Router::new()
         .route("/noop", get(|| async { "ok" }))
         .route(
@@ -1037,7 +1044,7 @@ fn render(
     }
     let _ = writeln!(
         md,
-        "\n## Throughput and latency\n\nOne instance per side, in this process, on the same Redis; a closed loop of HTTP/1.1 clients (reqwest, keep-alive), each with a session of its own; {} warm-up, {} measured per side and round, {} rounds per cell on fresh instances, the side that goes first alternating round by round; a side's rounds are pooled. `read`: the handler reads one field; `write`: it sets one field.\n",
+        "\n## Throughput and latency\n\nOne instance per side, in this process, on the same Redis; a closed loop of HTTP/1.1 clients (reqwest, keep-alive), each with a session of its own; {} warm-up, {} measured per side and round, {} rounds per cell on fresh instances, the side that goes first alternating round by round; a side's rounds are pooled. `read`: the handler reads one field; `write`: it sets one field. Both sides sign their session cookie (HMAC-SHA256; tower-sessions with `with_signed`), as statehouse-session always does.\n",
         humantime(config.warmup),
         humantime(config.duration),
         config.rounds
