@@ -349,9 +349,9 @@ impl WrkResult {
     }
 
     /// The row's cells, shared by the terminal and the Markdown tables:
-    /// req/s, p50, p99, p99.9, errors, then CPU per request (µs, "user +
-    /// system") of the proxy (a dash without one), the backends, wrk, and
-    /// all of them.
+    /// req/s, p50, p99, p99.9, errors, then CPU per request (µs, as "total
+    /// (user + system)") of the proxy (a dash without one), the backends and
+    /// wrk, and the total of all of them.
     fn cells(&self) -> [String; 9] {
         [
             format!("{:.0}", self.rps),
