@@ -163,6 +163,13 @@ pub async fn run_with<D: Discovery, H: HealthCheck>(
     Ok(())
 }
 
+/// The most readiness events a worker takes from one `epoll_wait` (tokio's default is 1,024).
+/// Smaller batches mean the worker runs the tasks woken so far and polls again sooner, so
+/// one connection's request waits behind fewer others: under `wrk -t2 -c64` through three
+/// backends, 64 gave more req/s and a lower p99 than 1,024 in each of 6 paired rounds (about
+/// +7% req/s on average, mean p99 4.0 → 3.5 ms); 16 and 256 were no better.
+const WORKER_IO_EVENTS_PER_TICK: usize = 64;
+
 /// A connection accepted for a worker.
 type Accepted = (std::net::TcpStream, SocketAddr);
 
@@ -182,6 +189,7 @@ impl Worker {
     fn spawn(self, index: usize) -> std::io::Result<mpsc::UnboundedSender<Accepted>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .max_io_events_per_tick(WORKER_IO_EVENTS_PER_TICK)
             .enable_all()
             .build()?;
         std::thread::Builder::new()
