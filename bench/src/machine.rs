@@ -61,16 +61,21 @@ fn stat_fields(pid: &str) -> Option<Vec<String>> {
 /// User and system CPU time of a process (`"self"` or a pid), in clock
 /// ticks (USER_HZ, 100 a second on Linux); zeros when it is gone.
 pub(crate) fn cpu_ticks_split(pid: &str) -> (u64, u64) {
-    stat_fields(pid)
-        .and_then(|f| Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?)))
-        .unwrap_or((0, 0))
+    tick_pair(pid, 11)
 }
 
 /// User and system CPU time of this process's children that have exited and
 /// been waited for (a `Command::output()`'s, say), in clock ticks.
 pub(crate) fn reaped_children_cpu_ticks() -> (u64, u64) {
-    stat_fields("self")
-        .and_then(|f| Some((f.get(13)?.parse().ok()?, f.get(14)?.parse().ok()?)))
+    tick_pair("self", 13)
+}
+
+/// Two adjacent tick counts of `/proc/{pid}/stat` (see [`stat_fields`]):
+/// utime and stime at 11, the waited-for children's at 13; zeros when the
+/// process is gone.
+fn tick_pair(pid: &str, at: usize) -> (u64, u64) {
+    stat_fields(pid)
+        .and_then(|f| Some((f.get(at)?.parse().ok()?, f.get(at + 1)?.parse().ok()?)))
         .unwrap_or((0, 0))
 }
 
