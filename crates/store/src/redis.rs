@@ -16,7 +16,9 @@
 //! New versions are `max(old + 1, TIME in µs)` and deadlines `TIME in ms +
 //! TTL`, both computed inside the script from the server's clock.
 
-use std::sync::LazyLock;
+mod direct;
+
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -123,6 +125,9 @@ impl ConnectionLike for Conn {
 /// The Redis backend.
 pub struct RedisBackend {
     conn: Conn,
+    /// Plain connections a call that finds one idle uses instead of `conn`
+    /// (see [`direct`]); standalone servers only.
+    direct: Option<Arc<direct::DirectPool>>,
     name: String,
 }
 
@@ -142,8 +147,15 @@ impl RedisBackend {
     /// command (redis-rs's) costs a lock on tokio's timer wheel that the
     /// runtime's threads contend for under load (seen as `sched_yield` in
     /// `strace -c` of session-bench; 1 timer per session read instead of 2).
+    ///
+    /// A call made while no other is in flight sends its commands on a
+    /// plain connection of its own rather than through the multiplexed one's
+    /// driver task (see the `direct` module): the shortest path for a caller
+    /// alone, the multiplexed connection's batching under load.
     pub async fn open(url: &str, timeout: Duration) -> Result<Self> {
-        Self::open_single(url, timeout, None).await
+        let mut backend = Self::open_single(url, timeout, None).await?;
+        backend.direct = direct::DirectPool::new(url, timeout);
+        Ok(backend)
     }
 
     async fn open_single(
@@ -168,6 +180,7 @@ impl RedisBackend {
             .map_err(|e| open_error(&name, &e))?;
         let backend = RedisBackend {
             conn: Conn::Single(manager),
+            direct: None,
             name,
         };
         backend.ping(timeout).await?;
@@ -213,6 +226,7 @@ impl RedisBackend {
             .map_err(|e| open_error(&name, &e))?;
         let backend = RedisBackend {
             conn: Conn::Cluster(conn),
+            direct: None,
             name,
         };
         backend.ping(timeout).await?;
@@ -239,6 +253,15 @@ impl RedisBackend {
             )));
         }
         Ok(())
+    }
+
+    /// The connection for one call's commands: the direct one when the
+    /// call is alone and it is idle, the shared one otherwise.
+    fn conn(&self) -> direct::Handle<Conn> {
+        match &self.direct {
+            Some(pool) => pool.handle(self.conn.clone()),
+            None => direct::Handle::shared(self.conn.clone()),
+        }
     }
 
     fn error(&self, key: &str, e: RedisError) -> StoreError {
@@ -593,7 +616,7 @@ impl Backend for RedisBackend {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Versioned>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let raw: Option<Vec<u8>> = redis::cmd("GET")
             .arg(vkey(key))
             .query_async(&mut conn)
@@ -618,7 +641,7 @@ impl Backend for RedisBackend {
             Condition::IfAbsent => ("absent", 0),
             Condition::IfVersion(v) => ("version", v),
         };
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let (status, version): (i64, u64) = PUT
             .key(vkey(key))
             .arg(mode)
@@ -635,7 +658,7 @@ impl Backend for RedisBackend {
     }
 
     async fn delete(&self, key: &str, condition: Condition) -> Result<bool> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         match condition {
             Condition::IfVersion(v) => {
                 let status: i64 = DELETE_IF_VERSION
@@ -665,7 +688,7 @@ impl Backend for RedisBackend {
     }
 
     async fn map_read(&self, key: &str) -> Result<Option<FieldMap>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let k = mkey(key);
         // HGETALL's flat reply read as pairs: no intermediate hash map.
         let raw: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
@@ -735,7 +758,7 @@ impl Backend for RedisBackend {
                 FieldOp::Incr(f, delta) => invocation.arg("i").arg(f).arg(*delta),
             };
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let reply: Vec<i64> = invocation
             .invoke_async(&mut conn)
             .await
@@ -775,7 +798,7 @@ impl Backend for RedisBackend {
     }
 
     async fn map_delete(&self, key: &str) -> Result<bool> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let n: i64 = redis::cmd("DEL")
             .arg(mkey(key))
             .query_async(&mut conn)
@@ -785,7 +808,7 @@ impl Backend for RedisBackend {
     }
 
     async fn map_touch(&self, key: &str, ttl: Duration) -> Result<bool> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let touched: i64 = MAP_TOUCH
             .key(mkey(key))
             .arg(ttl_millis(ttl))
@@ -796,7 +819,7 @@ impl Backend for RedisBackend {
     }
 
     async fn incr(&self, key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         INCR.key(ckey(key))
             .arg(delta)
             .arg(ttl_arg(ttl))
@@ -806,7 +829,7 @@ impl Backend for RedisBackend {
     }
 
     async fn counter(&self, key: &str) -> Result<Option<i64>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let raw: Option<Vec<u8>> = redis::cmd("GET")
             .arg(ckey(key))
             .query_async(&mut conn)
@@ -822,7 +845,7 @@ impl Backend for RedisBackend {
 
 impl RedisBackend {
     async fn pexpire(&self, redis_key: &str, key: &str, ttl: Duration) -> Result<bool> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let n: i64 = redis::cmd("PEXPIRE")
             .arg(redis_key)
             .arg(ttl_millis(ttl))

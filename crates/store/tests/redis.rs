@@ -235,6 +235,32 @@ async fn the_urls_password_and_database_are_used() {
         ["v:sh:k"],
         "the store's key (default prefix `sh:`) is in database 3"
     );
+
+    // The direct connections authenticate and select the database too.
+    let mut admin = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if !direct_connections(&mut admin).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let read = store.get("k").await.unwrap();
+    assert_eq!(read.value.map(|v| v.value), Some("in db 3".into()));
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(
+        list.lines().any(|l| l.contains(" name=statehouse-direct ")
+            && l.contains(" db=3 ")
+            && l.contains(" cmd=get ")),
+        "a direct connection in database 3 answered the GET: {list}"
+    );
 }
 
 /// Calls of `command` the server has answered so far (INFO commandstats).
@@ -351,4 +377,106 @@ async fn a_map_read_is_one_command_and_older_maps_still_report_their_ttl() {
         "{err:?}"
     );
     assert_eq!(read("older").await.fields.len(), 2);
+}
+
+/// The store's direct connections (named `statehouse-direct`), as
+/// `CLIENT LIST` shows them: id and last command.
+async fn direct_connections(admin: &mut redis::aio::MultiplexedConnection) -> Vec<(u64, String)> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(admin)
+        .await
+        .unwrap();
+    list.lines()
+        .filter(|line| line.contains(" name=statehouse-direct "))
+        .map(|line| {
+            let field = |name: &str| {
+                line.split(' ')
+                    .find_map(|f| f.strip_prefix(name))
+                    .unwrap()
+                    .to_owned()
+            };
+            (field("id=").parse().unwrap(), field("cmd="))
+        })
+        .collect()
+}
+
+/// A call made while no other is in flight sends its command on a direct
+/// connection (the calling task writes it and reads the reply, no driver
+/// task between): the server sees the GETs there. A call cut short by the
+/// policy's timeout closes its direct connection, so the late reply is read
+/// by nobody, and later calls get their own values, first on the shared
+/// connection, then on a new direct one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_calls_use_a_direct_connection_closed_when_a_call_is_cut_short() {
+    let redis = RedisServer::start().expect("start redis-server");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let store = open(
+        StoreConfig::new(redis.url())
+            .policy(Policy::fail_closed().with_timeout(Duration::from_millis(200))),
+    )
+    .await
+    .unwrap();
+    for i in 0..8 {
+        store
+            .put(&format!("k{i}"), format!("v{i}"), None, Condition::Any)
+            .await
+            .unwrap();
+    }
+    let get = |i: usize| {
+        let store = store.clone();
+        async move {
+            let read = store.get(&format!("k{i}")).await?;
+            Ok::<_, StoreError>(read.value.map(|v| v.value))
+        }
+    };
+    // The first call found the pool empty and had one opened in the
+    // background.
+    let direct = loop {
+        let conns = direct_connections(&mut admin).await;
+        if let Some(first) = conns.first() {
+            break first.0;
+        }
+        get(0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    for i in 0..8 {
+        assert_eq!(get(i).await.unwrap(), Some(format!("v{i}").into()));
+    }
+    let conns = direct_connections(&mut admin).await;
+    assert!(
+        conns.contains(&(direct, "get".to_owned())),
+        "the lone GETs went to the direct connection: {conns:?}"
+    );
+
+    redis.pause().unwrap();
+    let err = get(1).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    redis.resume().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for round in 0..20 {
+        for i in (2..8).rev() {
+            let value = loop {
+                match get(i).await {
+                    Ok(value) => break value,
+                    // The circuit may still be open for a moment.
+                    Err(e) if e.is_unavailable() => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    Err(e) => panic!("round {round}: k{i}: {e:?}"),
+                }
+            };
+            assert_eq!(value, Some(format!("v{i}").into()), "round {round}");
+        }
+    }
+    let conns = direct_connections(&mut admin).await;
+    assert!(
+        conns.iter().all(|(id, _)| *id != direct),
+        "the connection whose reply was abandoned is closed: {conns:?}"
+    );
+    assert!(
+        conns.iter().any(|(_, cmd)| cmd == "get"),
+        "a new direct connection serves lone calls again: {conns:?}"
+    );
 }
