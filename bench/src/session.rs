@@ -265,11 +265,11 @@ const FLOOR: [(&str, &str); FLOORS] = [
     ),
     (
         "/redis-rs-get",
-        "one GET through redis-rs's ConnectionManager (the store's client), no store layer",
+        "one GET through redis-rs's ConnectionManager (the store's client under concurrency), no store layer",
     ),
     (
         "/store-get",
-        "one GET through the statehouse store (its client, policy layer and versioned values)",
+        "one GET through the statehouse store (a lone call: its direct connection, policy layer, versioned values)",
     ),
     (
         "/redis-rs-map-read",
@@ -1068,7 +1068,7 @@ fn render(
     }
     let _ = writeln!(
         md,
-        "\n## What a session read adds\n\nOne client sends, in turn, a request to each handler below (both sides' no-session, read and timed-read handlers, and the floor handlers), in a new order each round, so that whatever the machine does meanwhile, and whatever one request leaves behind for the next, falls on all of them alike; `redis-benchmark -t GET -c 1 -P 1` (a C client, one round trip) runs on the same server in {LATENCY_SLICES} slices between stretches of that loop, and the median slice is quoted. Two measures: the session read timed inside the handler (`Instant` around the first `get`, which loads the session: the time the handler waits for it), and, as seen by the HTTP client, p50 of the read handler minus p50 of a handler that never touches the session. The second also counts what waiting does to the rest of the request: a runtime thread that slept on Redis comes back to cold caches, where the no-session request never sleeps. The floor rows time one read in a handler of another server in this process with no session layer, from as little as any client in a tokio handler can wait (a GET on a bare socket with RESP written by hand) to the one store call a session read makes (on a map shaped like these sessions): each row adds one layer to the one before.\n"
+        "\n## What a session read adds\n\nOne client sends, in turn, a request to each handler below (both sides' no-session, read and timed-read handlers, and the floor handlers), in a new order each round, so that whatever the machine does meanwhile, and whatever one request leaves behind for the next, falls on all of them alike; `redis-benchmark -t GET -c 1 -P 1` (a C client, one round trip) runs on the same server in {LATENCY_SLICES} slices between stretches of that loop, and the median slice is quoted. Two measures: the session read timed inside the handler (`Instant` around the first `get`, which loads the session: the time the handler waits for it), and, as seen by the HTTP client, p50 of the read handler minus p50 of a handler that never touches the session. The second also counts what waiting does to the rest of the request: a runtime thread that slept on Redis comes back to cold caches, where the no-session request never sleeps. The floor rows time one read in a handler of another server in this process with no session layer, from as little as any client in a tokio handler can wait (a GET on a bare socket with RESP written by hand) to the one store call a session read makes (on a map shaped like these sessions). The redis-rs rows go through redis-rs's multiplexed connection, whose driver task each command is handed to and back from; the store sends a call made while no other is in flight on a direct connection instead (the calling task writes the command and reads the reply), so its rows can come in under redis-rs's.\n"
     );
     let _ = writeln!(
         md,
