@@ -23,6 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use statehouse_store::{
     Conflict, Existence, FieldCondition, FieldMap, MapPatch, ReadState, Store, StoreError,
+    Versioned,
 };
 
 use crate::config::SessionConfig;
@@ -57,7 +58,10 @@ pub(crate) enum CookieAction {
 /// What was read from the store, once per request.
 #[derive(Debug)]
 struct Snapshot {
-    fields: BTreeMap<String, Bytes>,
+    /// The stored map's fields as read, the layer's own (`RESERVED_PREFIX`)
+    /// included: `get` cannot name those, and the two places that list
+    /// fields skip them.
+    fields: BTreeMap<String, Versioned>,
     /// Time left before the idle expiry, when the session exists.
     expires_in: Option<Duration>,
     read_state: ReadState,
@@ -212,15 +216,7 @@ impl Session {
                     (None, _) => state.exists = Some(true),
                 }
                 let expires_in = map.as_ref().and_then(|m| m.expires_in);
-                let fields = map
-                    .map(|m| {
-                        m.fields
-                            .into_iter()
-                            .filter(|(k, _)| !k.starts_with(RESERVED_PREFIX))
-                            .map(|(k, v)| (k, v.value))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let fields = map.map(|m| m.fields).unwrap_or_default();
                 Ok(Snapshot {
                     fields,
                     expires_in,
@@ -268,7 +264,7 @@ impl Session {
         snapshot
             .fields
             .get(field)
-            .map(|b| decode(field, b))
+            .map(|v| decode(field, &v.value))
             .transpose()
     }
 
@@ -426,7 +422,9 @@ impl Session {
         }
         let (old, merged) = {
             let state = self.state();
-            let mut merged = snapshot.fields.clone();
+            let mut merged: BTreeMap<String, Bytes> = app_fields(&snapshot.fields)
+                .map(|(k, v)| (k.clone(), v.value.clone()))
+                .collect();
             for (field, change) in state.written.iter().chain(state.pending.iter()) {
                 match change {
                     Some(v) => merged.insert(field.clone(), v.clone()),
@@ -447,8 +445,9 @@ impl Session {
         }
         metrics::counter!("statehouse_session_rotations_total").increment(1);
         let mut state = self.state();
-        let mut written: BTreeMap<String, Option<Bytes>> =
-            snapshot.fields.keys().map(|k| (k.clone(), None)).collect();
+        let mut written: BTreeMap<String, Option<Bytes>> = app_fields(&snapshot.fields)
+            .map(|(k, _)| (k.clone(), None))
+            .collect();
         written.extend(merged.into_iter().map(|(k, v)| (k, Some(v))));
         state.written = written;
         state.pending.clear();
@@ -672,6 +671,13 @@ impl Session {
             tracing::warn!(error = %e, "session touch failed");
         }
     }
+}
+
+/// A stored map's fields without the layer's own.
+fn app_fields(fields: &BTreeMap<String, Versioned>) -> impl Iterator<Item = (&String, &Versioned)> {
+    fields
+        .iter()
+        .filter(|(k, _)| !k.starts_with(RESERVED_PREFIX))
 }
 
 fn created_of(map: &FieldMap) -> Option<u64> {

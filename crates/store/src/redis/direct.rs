@@ -208,9 +208,15 @@ impl DirectPool {
                     .await?
                     .extract_error()?;
             }
-            conn.query(redis::cmd("CLIENT").arg("SETNAME").arg(CLIENT_NAME))
+            // The name is for operators (and tests); a server or ACL user
+            // that refuses it still gets the connection.
+            if let Err(e) = conn
+                .query(redis::cmd("CLIENT").arg("SETNAME").arg(CLIENT_NAME))
                 .await?
-                .extract_error()?;
+                .extract_error()
+            {
+                tracing::debug!(error = %e, "naming a direct Redis connection failed");
+            }
             Ok::<_, RedisError>(conn)
         };
         tokio::time::timeout(self.timeout, handshake)
