@@ -128,24 +128,31 @@ async fn opening_on_a_frozen_server_fails_within_the_timeout() {
     );
 }
 
-/// A read cut short by the policy's timeout while the server is frozen
-/// (SIGSTOP) must not leave its late reply for a later read; and reads from
-/// many tasks at once each get their own key's value.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_read_never_hands_its_late_reply_to_another() {
-    let redis = RedisServer::start().expect("start redis-server");
+/// A store on `redis` whose calls time out after 200 ms, holding `k{i}` =
+/// `v{i}` for `i` in `0..keys`.
+async fn store_with_keys(redis: &RedisServer, keys: usize) -> Store {
     let store = open(
         StoreConfig::new(redis.url())
             .policy(Policy::fail_closed().with_timeout(Duration::from_millis(200))),
     )
     .await
     .unwrap();
-    for i in 0..32 {
+    for i in 0..keys {
         store
             .put(&format!("k{i}"), format!("v{i}"), None, Condition::Any)
             .await
             .unwrap();
     }
+    store
+}
+
+/// A read cut short by the policy's timeout while the server is frozen
+/// (SIGSTOP) must not leave its late reply for a later read; and reads from
+/// many tasks at once each get their own key's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_read_never_hands_its_late_reply_to_another() {
+    let redis = RedisServer::start().expect("start redis-server");
+    let store = store_with_keys(&redis, 32).await;
     let value = |read: statehouse_store::Read<Option<statehouse_store::Versioned>>| {
         read.value.map(|v| v.value)
     };
@@ -412,18 +419,7 @@ async fn lone_calls_use_a_direct_connection_closed_when_a_call_is_cut_short() {
     let redis = RedisServer::start().expect("start redis-server");
     let client = redis::Client::open(redis.url()).unwrap();
     let mut admin = client.get_multiplexed_async_connection().await.unwrap();
-    let store = open(
-        StoreConfig::new(redis.url())
-            .policy(Policy::fail_closed().with_timeout(Duration::from_millis(200))),
-    )
-    .await
-    .unwrap();
-    for i in 0..8 {
-        store
-            .put(&format!("k{i}"), format!("v{i}"), None, Condition::Any)
-            .await
-            .unwrap();
-    }
+    let store = store_with_keys(&redis, 8).await;
     let get = |i: usize| {
         let store = store.clone();
         async move {
