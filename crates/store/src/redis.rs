@@ -125,8 +125,8 @@ impl ConnectionLike for Conn {
 /// The Redis backend.
 pub struct RedisBackend {
     conn: Conn,
-    /// Plain connections a call that finds one idle uses instead of `conn`
-    /// (see [`direct`]); standalone servers only.
+    /// The plain connection a call made while no other is in flight uses
+    /// instead of `conn` (see [`direct`]); standalone servers only.
     direct: Option<Arc<direct::DirectPool>>,
     name: String,
 }

@@ -44,7 +44,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Connections a pool keeps open: only a call alone leases one, so one
-/// suffices; the bound also covers the moment a replacement is opened.
+/// suffices. A closed one is replaced by the next lone call that finds the
+/// pool empty.
 const MAX_CONNECTIONS: usize = 1;
 
 /// After a connect failed, no new attempt for this long.
