@@ -476,3 +476,60 @@ async fn lone_calls_use_a_direct_connection_closed_when_a_call_is_cut_short() {
         "a new direct connection serves lone calls again: {conns:?}"
     );
 }
+
+/// A direct connection whose opening was cut short (its runtime shut down
+/// while the server was frozen) gives its place back: once the server is
+/// back, lone calls from another runtime get a direct connection again.
+#[test]
+fn a_direct_connection_whose_opening_was_cut_short_is_opened_again() {
+    let redis = RedisServer::start().expect("start redis-server");
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let store = first.block_on(async {
+        let store = store_with_keys(&redis, 1).await;
+        // Let any opening started by `put` finish, then close that
+        // connection so the next lone call starts another.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+        for (id, _) in direct_connections(&mut admin).await {
+            redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query_async::<()>(&mut admin)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // With the server frozen, a lone call finds the pool empty and has
+        // a connection opened, which cannot finish its handshake; the call
+        // times out, and the runtime goes with the opening still pending.
+        redis.pause().unwrap();
+        let err = store.get("k0").await.unwrap_err();
+        assert!(err.is_unavailable(), "{err:?}");
+        store
+    });
+    drop(first);
+    redis.resume().unwrap();
+
+    runtime().block_on(async {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+        for _ in 0..200 {
+            // The shared connection's driver died with the first runtime:
+            // its first calls here may fail while it reconnects.
+            let _ = store.get("k0").await;
+            if !direct_connections(&mut admin).await.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("no direct connection was opened again");
+    });
+}

@@ -171,13 +171,15 @@ impl DirectPool {
         if !reserved {
             return;
         }
-        let pool = self.clone();
+        let opening = Opening {
+            pool: self.clone(),
+            done: false,
+        };
         runtime.spawn(async move {
-            match pool.connect().await {
-                Ok(conn) => pool.release(conn),
+            match opening.pool.connect().await {
+                Ok(conn) => opening.complete(conn),
                 Err(e) => {
-                    pool.open.fetch_sub(1, Ordering::AcqRel);
-                    *lock(&pool.failed_at) = Some(Instant::now());
+                    *lock(&opening.pool.failed_at) = Some(Instant::now());
                     tracing::debug!(error = %e, "opening a direct Redis connection failed");
                 }
             }
@@ -223,6 +225,29 @@ impl DirectPool {
         tokio::time::timeout(self.timeout, handshake)
             .await
             .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+    }
+}
+
+/// A place reserved in `open` for a connection being opened. Given back
+/// unless the connection reaches the pool: the connect failed, or its task
+/// was dropped unfinished (its runtime shut down).
+struct Opening {
+    pool: Arc<DirectPool>,
+    done: bool,
+}
+
+impl Opening {
+    fn complete(mut self, conn: DirectConn) {
+        self.done = true;
+        self.pool.release(conn);
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if !self.done {
+            self.pool.open.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
