@@ -52,7 +52,7 @@ const MAX_CONNECTIONS: usize = 1;
 const COOL_DOWN: Duration = Duration::from_millis(250);
 
 /// The name these connections give themselves (`CLIENT LIST` shows it).
-pub(super) const CLIENT_NAME: &str = "statehouse-direct";
+const CLIENT_NAME: &str = "statehouse-direct";
 
 /// Plain connections used by one task at a time; see the module docs.
 pub(super) struct DirectPool {
