@@ -74,6 +74,9 @@ pub enum Side {
     Statehouse,
     /// Socket.IO with @socket.io/redis-adapter.
     SocketIo,
+    /// The least a fan-out server can do: one `write` per delivery from the
+    /// task that got the message, nothing else (`fanout_floor`).
+    Floor,
 }
 
 impl Side {
@@ -81,6 +84,7 @@ impl Side {
         match self {
             Side::Statehouse => "statehouse hub",
             Side::SocketIo => "Socket.IO + redis-adapter",
+            Side::Floor => "floor: one write per delivery",
         }
     }
 }
@@ -204,7 +208,7 @@ fn frame_payload(dialect: Dialect, text: &str) -> Option<&str> {
 
 /// The statehouse publisher (run by `bench-hub publish`, a process of its
 /// own like Socket.IO's): `rate` messages a second for `duration` through
-/// the broker, the messages due at each 5 ms tick sent pipelined on the one
+/// the broker, the messages due at each tick sent pipelined on the one
 /// connection, in order; returns the last sequence number.
 pub async fn publish(
     broker: &str,
@@ -214,6 +218,33 @@ pub async fn publish(
     first: u64,
 ) -> Result<u64, BoxError> {
     let broker = open(BrokerConfig::new(broker).max_payload_bytes(size.max(64))).await?;
+    let broker = &broker;
+    paced(rate, duration, size, first, |batch| async move {
+        let mut publishes = futures::stream::iter(batch)
+            .map(|payload| broker.publish(CHANNEL, payload))
+            .buffered(64);
+        while let Some(published) = publishes.next().await {
+            published?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// The publishers' pacing: every 5 ms, the messages due by then (`rate` a
+/// second for `duration`), each `"{seq} {send time µs} xxx…"` of `size`
+/// bytes, handed to `send` in order; returns the last sequence number.
+pub(crate) async fn paced<F, Fut>(
+    rate: u64,
+    duration: Duration,
+    size: usize,
+    first: u64,
+    mut send: F,
+) -> Result<u64, BoxError>
+where
+    F: FnMut(Vec<Bytes>) -> Fut,
+    Fut: Future<Output = Result<(), BoxError>>,
+{
     let total = rate * duration.as_secs();
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(5));
@@ -230,13 +261,10 @@ pub async fn publish(
                 Bytes::from(payload)
             })
             .collect();
-        let mut publishes = futures::stream::iter(batch)
-            .map(|payload| broker.publish(CHANNEL, payload))
-            .buffered(64);
-        while let Some(published) = publishes.next().await {
-            published?;
-            sent += 1;
+        if !batch.is_empty() {
+            send(batch).await?;
         }
+        sent = due;
     }
     Ok(first + total - 1)
 }
@@ -266,8 +294,9 @@ struct RawWs {
     end: usize,
 }
 
-/// A complete frame at the front of the buffer: opcode and payload range.
-fn parse_frame(data: &[u8]) -> Option<(u8, std::ops::Range<usize>)> {
+/// A complete frame at the front of the buffer: opcode and payload range
+/// (past the mask key of a client frame; the floor server reads those).
+pub(crate) fn parse_frame(data: &[u8]) -> Option<(u8, std::ops::Range<usize>)> {
     let [b0, b1, ..] = *data else { return None };
     let (len, at) = match b1 & 0x7f {
         126 => (
@@ -280,7 +309,8 @@ fn parse_frame(data: &[u8]) -> Option<(u8, std::ops::Range<usize>)> {
         }
         n => (n as usize, 2),
     };
-    // Server frames are never masked (RFC 6455 5.1).
+    // Server frames are never masked (RFC 6455 5.1); client frames always are.
+    let at = if b1 & 0x80 != 0 { at + 4 } else { at };
     (data.len() >= at + len).then_some((b0 & 0x0f, at..at + len))
 }
 
@@ -563,6 +593,11 @@ async fn start_three(
                     .env("RUST_LOG", "warn");
                 c
             }
+            Side::Floor => {
+                let mut c = Command::new(&config.hub);
+                c.args(["floor".to_owned(), port.to_string(), redis.to_owned()]);
+                c
+            }
             Side::SocketIo => {
                 let mut c = Command::new("node");
                 c.arg(config.node_dir.join("socketio-server.mjs")).args([
@@ -598,7 +633,7 @@ async fn start_three(
         children.push(child);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         urls.push(match side {
-            Side::Statehouse => format!("ws://{addr}/ws"),
+            Side::Statehouse | Side::Floor => format!("ws://{addr}/ws"),
             Side::SocketIo => format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"),
         });
     }
@@ -611,13 +646,13 @@ async fn start_three(
             )?;
             Some(issuer.issue_access("bench", Default::default())?.0)
         }
-        Side::SocketIo => None,
+        Side::SocketIo | Side::Floor => None,
     };
     Ok(Servers {
         children,
         urls,
         dialect: match side {
-            Side::Statehouse => Dialect::Statehouse,
+            Side::Statehouse | Side::Floor => Dialect::Statehouse,
             Side::SocketIo => Dialect::SocketIo,
         },
         token,
@@ -721,6 +756,7 @@ async fn run_side(
         version: match side {
             Side::Statehouse => format!("statehouse-fanout {}", env!("CARGO_PKG_VERSION")),
             Side::SocketIo => node_versions(&config.node_dir),
+            Side::Floor => "bench-hub floor (bench/src/fanout_floor.rs)".to_owned(),
         },
         ..SideResult::default()
     };
@@ -750,6 +786,11 @@ async fn run_side(
             Side::Statehouse => {
                 let mut c = Command::new(&config.hub);
                 c.arg("publish").args(&args);
+                c
+            }
+            Side::Floor => {
+                let mut c = Command::new(&config.hub);
+                c.arg("floor-publish").args(&args);
                 c
             }
             Side::SocketIo => {
@@ -809,7 +850,8 @@ async fn run_side(
     subs.close().await;
     servers.stop().await;
 
-    if config.idle > 0 {
+    // The floor holds a socket per connection and nothing else: no memory to compare.
+    if config.idle > 0 && side != Side::Floor {
         // On fresh servers: memory the load freed would otherwise be
         // reused by the idle connections and hide part of their cost.
         let servers = start_three(side, config, &redis_url, secret).await?;
@@ -1032,6 +1074,33 @@ pub async fn run(config: FanoutBenchConfig) -> Result<(), BoxError> {
             let _ = writeln!(md, "{line}");
         }
     }
+    if let (Some(floor), Some(theirs)) = (find(Side::Floor), find(Side::SocketIo)) {
+        let ours = find(Side::Statehouse);
+        for f in &floor.steps {
+            let Some(t) = theirs.steps.iter().find(|t| t.rate == f.rate) else {
+                continue;
+            };
+            let hub = ours
+                .and_then(|o| o.steps.iter().find(|o| o.rate == f.rate))
+                .map(|o| {
+                    format!(
+                        "; the hub's is {:.2}× the floor's",
+                        o.p99_us as f64 / f.p99_us.max(1) as f64
+                    )
+                })
+                .unwrap_or_default();
+            let line = format!(
+                "- floor at {} msg/s: p99 {:.2} ms, **{:.2}×** Socket.IO's {:.2} ms (a third of theirs is {:.2} ms){hub}",
+                f.rate,
+                f.p99_us as f64 / 1000.0,
+                f.p99_us as f64 / t.p99_us.max(1) as f64,
+                t.p99_us as f64 / 1000.0,
+                t.p99_us as f64 / 3000.0,
+            );
+            println!("{line}");
+            let _ = writeln!(md, "{line}");
+        }
+    }
     std::fs::write(&config.out, md)?;
     println!("\nwrote {}", config.out.display());
     Ok(())
@@ -1052,6 +1121,9 @@ mod tests {
         let mut long = vec![0x81, 126, 1, 0];
         long.extend(std::iter::repeat_n(b'x', 256));
         assert_eq!(parse_frame(&long), Some((1, 4..260)));
+        let masked = [0x81, 0x82, 1, 2, 3, 4, b'4', b'0'];
+        assert_eq!(parse_frame(&masked), Some((1, 6..8)));
+        assert_eq!(parse_frame(&masked[..7]), None, "incomplete");
         let out = client_frame(1, b"40");
         assert_eq!(out, [0x81, 0x82, 0, 0, 0, 0, b'4', b'0']);
     }

@@ -10,6 +10,7 @@ mod backends;
 pub mod cli;
 mod driver;
 pub mod fanout;
+pub mod fanout_floor;
 pub mod lb;
 mod machine;
 mod redis_benchmark;

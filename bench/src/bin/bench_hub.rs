@@ -8,6 +8,10 @@
 //! publisher, the counterpart of `socketio-publisher.mjs`: `RATE` messages a
 //! second into the channel `bench`, each `"{seq} {send time µs} xxx…"` of
 //! `SIZE` bytes; prints `published N last_seq L`.
+//!
+//! `bench-hub floor PORT REDIS_URL` and `bench-hub floor-publish REDIS_URL
+//! RATE SECONDS SIZE FIRST_SEQ`: the floor side, the least a fan-out server
+//! can do (see `statehouse_bench::fanout_floor`).
 
 use std::sync::Arc;
 
@@ -33,6 +37,26 @@ async fn main() -> Result<(), statehouse_bench::BoxError> {
         let first: u64 = first.parse()?;
         println!("published {} last_seq {last}", last + 1 - first);
         return Ok(());
+    }
+    if let [_, mode, redis, rate, seconds, size, first] = args.as_slice()
+        && mode == "floor-publish"
+    {
+        let first: u64 = first.parse()?;
+        let last = statehouse_bench::fanout_floor::publish(
+            redis,
+            rate.parse()?,
+            std::time::Duration::from_secs(seconds.parse()?),
+            size.parse()?,
+            first,
+        )
+        .await?;
+        println!("published {} last_seq {last}", last + 1 - first);
+        return Ok(());
+    }
+    if let [_, mode, port, redis] = args.as_slice()
+        && mode == "floor"
+    {
+        return statehouse_bench::fanout_floor::serve(port.parse()?, redis).await;
     }
     let [_, port, broker, name] = args.as_slice() else {
         return Err(

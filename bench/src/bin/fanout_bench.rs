@@ -22,8 +22,13 @@ use statehouse_bench::fanout::{FanoutBenchConfig, Side, run};
 #[derive(Debug, Parser)]
 #[command(name = "fanout-bench")]
 struct Args {
-    /// Which sides to run, in order.
-    #[arg(long, value_delimiter = ',', default_value = "statehouse,socket-io")]
+    /// Which sides to run, in order (`floor`: one write per delivery and nothing else, the
+    /// least any server could do here).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "statehouse,socket-io,floor"
+    )]
     sides: Vec<Side>,
     /// Subscribers in the channel.
     #[arg(long, default_value_t = 1000)]
