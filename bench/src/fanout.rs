@@ -1007,6 +1007,15 @@ pub async fn run(config: FanoutBenchConfig) -> Result<(), BoxError> {
         config.size,
         config.step.as_secs()
     );
+    if config.sides.contains(&Side::Floor) {
+        let _ = writeln!(
+            md,
+            "The floor side is three `bench-hub floor` processes (`bench/src/fanout_floor.rs`) that \
+             answer the hub's opening, take each message off a Redis pub/sub channel and write it to \
+             every connection with one non-blocking `write`, and do nothing else: the least a \
+             fan-out server does per delivery on this machine.\n"
+        );
+    }
     for (side, result) in &results {
         let _ = writeln!(md, "## {}\n\n{}\n", side.label(), result.version);
         let _ = writeln!(
