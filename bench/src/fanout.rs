@@ -314,17 +314,21 @@ pub(crate) fn parse_frame(data: &[u8]) -> Option<(u8, std::ops::Range<usize>)> {
     (data.len() >= at + len).then_some((b0 & 0x0f, at..at + len))
 }
 
-/// A masked client frame (the key is zero: a legal key, and the XOR is a
-/// copy). Our frames are small.
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut frame = vec![0x80 | opcode];
+/// A final frame: masked for a client (the key is zero: a legal key, and the
+/// XOR is a copy), unmasked for the floor server. Our frames are small.
+pub(crate) fn encode_frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let mut frame = Vec::with_capacity(payload.len() + 8);
+    frame.push(0x80 | opcode);
     if payload.len() < 126 {
-        frame.push(0x80 | payload.len() as u8);
+        frame.push(mask_bit | payload.len() as u8);
     } else {
-        frame.push(0x80 | 126);
+        frame.push(mask_bit | 126);
         frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
     }
-    frame.extend_from_slice(&[0, 0, 0, 0]);
+    if masked {
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+    }
     frame.extend_from_slice(payload);
     frame
 }
@@ -370,7 +374,7 @@ impl RawWs {
     async fn send(&mut self, opcode: u8, payload: &[u8]) -> Result<(), BoxError> {
         use tokio::io::AsyncWriteExt;
         self.stream
-            .write_all(&client_frame(opcode, payload))
+            .write_all(&encode_frame(opcode, payload, true))
             .await?;
         Ok(())
     }
@@ -1133,8 +1137,12 @@ mod tests {
         let masked = [0x81, 0x82, 1, 2, 3, 4, b'4', b'0'];
         assert_eq!(parse_frame(&masked), Some((1, 6..8)));
         assert_eq!(parse_frame(&masked[..7]), None, "incomplete");
-        let out = client_frame(1, b"40");
+        let out = encode_frame(1, b"40", true);
         assert_eq!(out, [0x81, 0x82, 0, 0, 0, 0, b'4', b'0']);
+        assert_eq!(encode_frame(1, b"ab", false), [0x81, 2, b'a', b'b']);
+        let long = encode_frame(1, &[b'x'; 300], false);
+        assert_eq!(&long[..4], &[0x81, 126, 1, 44]);
+        assert_eq!(long.len(), 304);
     }
 
     #[test]

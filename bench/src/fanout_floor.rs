@@ -28,8 +28,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::BoxError;
+use crate::fanout::{encode_frame, parse_frame};
 
 const CHANNEL: &str = "bench";
+/// The text frame opcode.
+const TEXT: u8 = 1;
 /// The most a request head or the two opening frames may take.
 const MAX_OPENING: usize = 16 * 1024;
 
@@ -72,7 +75,7 @@ pub async fn serve(port: u16, redis_url: &str) -> Result<(), BoxError> {
         let text = format!(
             r#"{{"t":"msg","ch":"{CHANNEL}","off":{offset},"ep":"floor","data":"{payload}"}}"#
         );
-        let frame = server_frame(text.as_bytes());
+        let frame = encode_frame(TEXT, text.as_bytes(), false);
         let mut connections = connections.lock().map_err(|_| "connections poisoned")?;
         connections.retain(|stream| match (&*stream).write(&frame) {
             Ok(n) if n == frame.len() => true,
@@ -124,7 +127,7 @@ async fn open(mut stream: TcpStream, connections: &Connections) -> Result<(), Bo
     buf.drain(..head_end);
     for _ in 0..2 {
         let len = loop {
-            if let Some((_, payload)) = crate::fanout::parse_frame(&buf) {
+            if let Some((_, payload)) = parse_frame(&buf) {
                 break payload.end;
             }
             read_more(&mut stream, &mut buf).await?;
@@ -133,7 +136,7 @@ async fn open(mut stream: TcpStream, connections: &Connections) -> Result<(), Bo
     }
     let subscribed = format!(r#"{{"t":"subscribed","ch":"{CHANNEL}","off":0,"ep":"floor"}}"#);
     stream
-        .write_all(&server_frame(subscribed.as_bytes()))
+        .write_all(&encode_frame(TEXT, subscribed.as_bytes(), false))
         .await?;
     let stream = stream.into_std()?;
     connections
@@ -154,21 +157,6 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), BoxE
     }
     buf.extend_from_slice(&chunk[..n]);
     Ok(())
-}
-
-/// An unmasked text frame.
-fn server_frame(payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(payload.len() + 4);
-    frame.push(0x81);
-    match payload.len() {
-        n @ 0..126 => frame.push(n as u8),
-        n => {
-            frame.push(126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(payload);
-    frame
 }
 
 /// The floor's publisher: `rate` messages a second into the pub/sub channel
@@ -198,17 +186,4 @@ pub async fn publish(
         }
     })
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn server_frames_carry_their_length() {
-        assert_eq!(server_frame(b"ab"), [0x81, 2, b'a', b'b']);
-        let long = server_frame(&[b'x'; 300]);
-        assert_eq!(&long[..4], &[0x81, 126, 1, 44]);
-        assert_eq!(long.len(), 304);
-    }
 }
