@@ -27,10 +27,16 @@ pub const MIN_SECRET_BYTES: usize = 32;
 /// No cookie value longer than this is even parsed.
 const MAX_COOKIE_VALUE: usize = 160;
 
+/// An id's text: 16 bytes in unpadded base64url.
+const ID_CHARS: usize = 22;
+/// An HMAC-SHA256 tag's text: 32 bytes in unpadded base64url.
+const TAG_CHARS: usize = 43;
+
 /// An opaque 128-bit session id. It is a bearer secret: it is never logged
-/// (its `Debug` is redacted) and never exposed to handlers.
+/// (its `Debug` is redacted) and never exposed to handlers. Held as its
+/// text, inline: a request's copies of it allocate nothing.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub(crate) struct SessionId(String);
+pub(crate) struct SessionId([u8; ID_CHARS]);
 
 impl SessionId {
     pub(crate) fn random() -> Self {
@@ -38,11 +44,29 @@ impl SessionId {
         // The OS random source failing is not recoverable and must not be
         // papered over with a weaker id.
         getrandom::fill(&mut bytes).expect("the OS random number generator is available");
-        SessionId(URL_SAFE_NO_PAD.encode(bytes))
+        let mut text = [0u8; ID_CHARS];
+        let written = URL_SAFE_NO_PAD
+            .encode_slice(bytes, &mut text)
+            .expect("16 bytes are 22 characters of base64");
+        debug_assert_eq!(written, ID_CHARS);
+        SessionId(text)
+    }
+
+    /// The id whose text is `text`: exactly 22 characters of canonical
+    /// base64url that decode to 16 bytes.
+    fn parse(text: &str) -> Option<Self> {
+        let chars: [u8; ID_CHARS] = text.as_bytes().try_into().ok()?;
+        // Room for base64's estimate of 22 characters (18 bytes).
+        let mut bytes = [0u8; 18];
+        match URL_SAFE_NO_PAD.decode_slice(chars, &mut bytes) {
+            Ok(16) => Some(SessionId(chars)),
+            _ => None,
+        }
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
+        // Only `random` and `parse` build one, both from base64url text.
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
 
@@ -215,30 +239,27 @@ impl SessionKeys {
         else {
             return Err(Rejection::Malformed);
         };
-        let id_ok = id.len() == 22
-            && URL_SAFE_NO_PAD
-                .decode(id)
-                .is_ok_and(|bytes| bytes.len() == 16);
+        let parsed = SessionId::parse(id);
         let Ok(created_secs) = created.parse::<u64>() else {
             return Err(Rejection::Malformed);
         };
-        let Ok(tag) = URL_SAFE_NO_PAD.decode(tag) else {
+        // Decoded on the stack; room for base64's estimate of 43 characters.
+        let mut tag_bytes = [0u8; 33];
+        let tag = match URL_SAFE_NO_PAD.decode_slice(tag, &mut tag_bytes) {
+            Ok(n) if tag.len() == TAG_CHARS => &tag_bytes[..n],
+            _ => return Err(Rejection::Malformed),
+        };
+        let Some(id) = parsed else {
             return Err(Rejection::Malformed);
         };
-        if !id_ok {
-            return Err(Rejection::Malformed);
-        }
         let Some(key) = self.keys.iter().find(|k| k.kid == kid) else {
             return Err(Rejection::UnknownKey);
         };
         // `verify_slice` compares in constant time.
         Self::mac(key, cookie_name, payload)
-            .verify_slice(&tag)
+            .verify_slice(tag)
             .map_err(|_| Rejection::BadSignature)?;
-        Ok(Verified {
-            id: SessionId(id.to_owned()),
-            created_secs,
-        })
+        Ok(Verified { id, created_secs })
     }
 }
 
@@ -338,9 +359,14 @@ mod tests {
             keys.verify("sid", &bumped).unwrap_err(),
             Rejection::BadSignature
         );
+        // A tag cut short or lengthened is not an HMAC-SHA256 tag at all.
         assert_eq!(
             keys.verify("sid", &value[..value.len() - 3]).unwrap_err(),
-            Rejection::BadSignature
+            Rejection::Malformed
+        );
+        assert_eq!(
+            keys.verify("sid", &format!("{value}A")).unwrap_err(),
+            Rejection::Malformed
         );
         assert_eq!(
             keys.verify("other_cookie", &value).unwrap_err(),
@@ -395,5 +421,23 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(format!("{a:?}"), "SessionId(<redacted>)");
         assert_eq!(a.as_str().len(), 22);
+        assert_eq!(SessionId::parse(a.as_str()), Some(a.clone()));
+    }
+
+    #[test]
+    fn only_canonical_ids_of_16_bytes_parse() {
+        let id = SessionId::random();
+        let text = id.as_str();
+        // The last character carries 2 bits of the 16th byte and 4 unused
+        // bits, which must be zero: "A" and "B" differ only in those.
+        let canonical = format!("{}A", &text[..21]);
+        assert!(SessionId::parse(&canonical).is_some());
+        let trailing_bits = format!("{}B", &text[..21]);
+        assert!(SessionId::parse(&trailing_bits).is_none());
+        assert!(SessionId::parse(&text[..21]).is_none());
+        assert!(SessionId::parse(&format!("{text}A")).is_none());
+        assert!(SessionId::parse(&format!("{}=", &text[..21])).is_none());
+        assert!(SessionId::parse(&format!("{}+", &text[..21])).is_none());
+        assert!(SessionId::parse("").is_none());
     }
 }

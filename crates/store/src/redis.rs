@@ -22,7 +22,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -329,14 +329,14 @@ fn ckey(key: &str) -> String {
 }
 
 /// Splits `"{version}:{payload}"`; the payload keeps `raw`'s buffer (no
-/// copy).
+/// copy). Advancing past the prefix, unlike slicing, does not make `Bytes`
+/// share the buffer, which would allocate.
 fn decode_versioned(raw: Vec<u8>) -> Option<Versioned> {
     let colon = raw.iter().position(|&b| b == b':')?;
     let version = std::str::from_utf8(&raw[..colon]).ok()?.parse().ok()?;
-    Some(Versioned {
-        value: Bytes::from(raw).slice(colon + 1..),
-        version,
-    })
+    let mut value = Bytes::from(raw);
+    value.advance(colon + 1);
+    Some(Versioned { value, version })
 }
 
 /// A map's meta field, `version [":" size [":" deadline]]`: the map's
@@ -853,5 +853,24 @@ impl RedisBackend {
             .await
             .map_err(|e| self.error(key, e))?;
         Ok(n == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versioned_values_split_at_the_first_colon() {
+        let v = decode_versioned(b"42:a:b".to_vec()).unwrap();
+        assert_eq!((v.version, v.value.as_ref()), (42, &b"a:b"[..]));
+        let v = decode_versioned(b"7:".to_vec()).unwrap();
+        assert_eq!((v.version, v.value.as_ref()), (7, &b""[..]));
+        // Advanced, not sliced: a clone of it is still just the payload.
+        let payload = decode_versioned(b"1:payload".to_vec()).unwrap().value;
+        assert_eq!(payload.clone(), Bytes::from_static(b"payload"));
+        assert!(decode_versioned(b"no colon".to_vec()).is_none());
+        assert!(decode_versioned(b"x1:payload".to_vec()).is_none());
+        assert!(decode_versioned(Vec::new()).is_none());
     }
 }
