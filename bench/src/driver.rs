@@ -114,12 +114,30 @@ pub(crate) async fn closed_loop<W: Workload>(
     concurrency: usize,
     window: Window,
 ) -> Result<Sample, BoxError> {
-    // Every task is ready (keys read, versions known) before the clock starts.
+    let workers = workers(&*workload, concurrency).await?;
+    Ok(closed_loop_with(workload, workers, window).await?.0)
+}
+
+/// Prepares `concurrency` tasks' workers, so that every task is ready (keys read, versions known)
+/// before the clock starts.
+pub(crate) async fn workers<W: Workload>(
+    workload: &W,
+    concurrency: usize,
+) -> Result<Vec<W::Worker>, BoxError> {
     let mut workers = Vec::with_capacity(concurrency);
     for index in 0..concurrency {
         workers.push(workload.worker(index).await?);
     }
+    Ok(workers)
+}
 
+/// [`closed_loop`] on workers prepared beforehand, one task each; gives them back with the
+/// sample, so that a caller alternating between workloads keeps their sessions and connections.
+pub(crate) async fn closed_loop_with<W: Workload>(
+    workload: Arc<W>,
+    workers: Vec<W::Worker>,
+    window: Window,
+) -> Result<(Sample, Vec<W::Worker>), BoxError> {
     let measure_from = Instant::now() + window.warmup;
     let until = measure_from + window.measure;
     let mut tasks = JoinSet::new();
@@ -154,13 +172,16 @@ pub(crate) async fn closed_loop<W: Workload>(
                     }
                 }
             }
-            sample
+            (sample, worker)
         });
     }
 
     let mut merged = Sample::empty(window.measure);
+    let mut workers = Vec::with_capacity(tasks.len());
     while let Some(task) = tasks.join_next().await {
-        merged.absorb(task?);
+        let (sample, worker) = task?;
+        merged.absorb(sample);
+        workers.push(worker);
     }
-    Ok(merged)
+    Ok((merged, workers))
 }

@@ -31,7 +31,10 @@ use statehouse_session::{SessionConfig, SessionError, SessionKeys, SessionLayer}
 use statehouse_store::{StoreConfig, open};
 use statehouse_testkit::RedisServer;
 
-use crate::driver::{Outcome, Sample, Window, Workload, closed_loop, micros_at, new_histogram};
+use crate::driver::{
+    Outcome, Sample, Window, Workload, closed_loop, closed_loop_with, micros_at, new_histogram,
+    workers,
+};
 use crate::workloads::VALUE_BYTES;
 use crate::{BoxError, machine, redis_benchmark};
 
@@ -640,6 +643,9 @@ struct Measured {
     p50: Option<f64>,
     p99: Option<f64>,
     errors: u64,
+    /// For statehouse-session's row of a cell: the pairs of slices in which
+    /// it served more requests than tower-sessions.
+    ahead: Option<SlicePairs>,
 }
 
 impl Measured {
@@ -652,6 +658,7 @@ impl Measured {
             p50: sample.micros_at(0.5),
             p99: sample.micros_at(0.99),
             errors: sample.errors,
+            ahead: None,
         };
         println!(
             "  {:<28} {:<6} c={:<4} {:>9.0} req/s  p50 {:>8}  p99 {:>8}  errors {}",
@@ -667,6 +674,23 @@ impl Measured {
     }
 }
 
+impl HttpCall {
+    /// Calls of `handler` (`read` or `write`) on the instance at `base`,
+    /// through a client of its own.
+    fn new(base: &str, handler: &str) -> Result<Self, BoxError> {
+        Ok(HttpCall {
+            http: client()?,
+            base: base.to_owned(),
+            path: if handler == "write" {
+                "/write"
+            } else {
+                "/read"
+            },
+            post: handler == "write",
+        })
+    }
+}
+
 /// A closed loop of `concurrency` clients on `handler` (`read` or `write`).
 async fn sample(
     base: &str,
@@ -674,23 +698,31 @@ async fn sample(
     concurrency: usize,
     window: Window,
 ) -> Result<Sample, BoxError> {
-    let workload = Arc::new(HttpCall {
-        http: client()?,
-        base: base.to_owned(),
-        path: if handler == "write" {
-            "/write"
-        } else {
-            "/read"
-        },
-        post: handler == "write",
-    });
-    closed_loop(workload, concurrency, window).await
+    closed_loop(Arc::new(HttpCall::new(base, handler)?), concurrency, window).await
 }
 
-/// One throughput cell: `rounds` rounds, each measuring both sides on fresh
-/// instances, the side that goes first alternating round by round (so a
-/// drift of the machine's speed during the cell falls on both); each side's
-/// rounds are pooled.
+/// A throughput round measures the two sides in turn, in slices this long:
+/// this machine's speed drifts by a factor of two within minutes, and
+/// alternating slices of a quarter second puts both sides in the same
+/// stretches of it.
+const SLICE: Duration = Duration::from_millis(250);
+/// Unrecorded at the start of each slice, while the clients that just
+/// switched sides fill the pipeline again.
+const SLICE_RAMP: Duration = Duration::from_millis(25);
+
+/// One side of a throughput round: its instance, and its clients with their
+/// sessions and connections, kept from slice to slice.
+struct Contender {
+    workload: Arc<HttpCall>,
+    workers: Vec<String>,
+}
+
+/// One throughput cell: `rounds` rounds, each on fresh instances of both
+/// sides. After a warm-up of each, a round alternates [`SLICE`]s of the two
+/// until each side has been measured for `window.measure`, the side that
+/// goes first in a pair of slices alternating (A B, B A, ...). Each side's
+/// slices are pooled; the pairs of slices in which statehouse-session
+/// served more requests are counted.
 async fn cell(
     redis: &RedisServer,
     handler: &'static str,
@@ -699,25 +731,72 @@ async fn cell(
     window: Window,
 ) -> Result<[Measured; 2], BoxError> {
     let mut pooled: [Option<Sample>; 2] = [None, None];
+    let mut ahead = SlicePairs::default();
+    let slices = (window.measure.as_secs_f64() / SLICE.as_secs_f64())
+        .ceil()
+        .max(1.0) as usize;
     for round in 0..rounds {
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for index in order {
-            let side = [Side::Statehouse, Side::TowerSessions][index];
+        let mut sides = Vec::with_capacity(2);
+        for side in [Side::Statehouse, Side::TowerSessions] {
             let pair = start(side, redis, "tp:").await?;
-            let s = sample(&pair.urls[0], handler, concurrency, window).await?;
-            match &mut pooled[index] {
-                Some(total) => total.pool(s),
-                slot @ None => *slot = Some(s),
+            let workload = Arc::new(HttpCall::new(&pair.urls[0], handler)?);
+            let workers = workers(&*workload, concurrency).await?;
+            let warm = Window {
+                warmup: window.warmup,
+                measure: Duration::ZERO,
+            };
+            let (_, workers) = closed_loop_with(Arc::clone(&workload), workers, warm).await?;
+            sides.push(Contender { workload, workers });
+        }
+        for slice in 0..slices {
+            let order = if (round + slice) % 2 == 0 {
+                [0, 1]
+            } else {
+                [1, 0]
+            };
+            let mut rates = [0.0; 2];
+            for index in order {
+                let side = &mut sides[index];
+                let workers = std::mem::take(&mut side.workers);
+                let window = Window {
+                    warmup: SLICE_RAMP,
+                    measure: SLICE,
+                };
+                let (s, workers) =
+                    closed_loop_with(Arc::clone(&side.workload), workers, window).await?;
+                side.workers = workers;
+                rates[index] = s.ops_per_sec();
+                match &mut pooled[index] {
+                    Some(total) => total.pool(s),
+                    slot @ None => *slot = Some(s),
+                }
+            }
+            ahead.pairs += 1;
+            if rates[0] > rates[1] {
+                ahead.won += 1;
             }
         }
     }
     let [Some(ours), Some(theirs)] = pooled else {
         return Err("a throughput cell needs at least one round".into());
     };
+    let mut ours = Measured::new(Side::Statehouse, handler, concurrency, &ours);
+    ours.ahead = Some(ahead);
+    println!(
+        "  statehouse-session served more in {} of {} pairs of slices",
+        ahead.won, ahead.pairs
+    );
     Ok([
-        Measured::new(Side::Statehouse, handler, concurrency, &ours),
+        ours,
         Measured::new(Side::TowerSessions, handler, concurrency, &theirs),
     ])
+}
+
+/// Of a cell's pairs of slices, how many statehouse-session won.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlicePairs {
+    won: usize,
+    pairs: usize,
 }
 
 /// One request of the interleaved latency run, with the HTTP latencies
@@ -941,8 +1020,11 @@ fn summary(losses: &[(Side, Losses)], rows: &[Measured], cost: &ReadCost) -> Vec
     }
     for pair in rows.chunks(2) {
         if let [ours, theirs] = pair {
+            let ahead = ours.ahead.map_or(String::new(), |a| {
+                format!("; ahead in {} of {} pairs of slices", a.won, a.pairs)
+            });
             lines.push(format!(
-                "{} c={}: statehouse {:.0} req/s vs tower-sessions {:.0} req/s = {:.2}x; p99 {} vs {}",
+                "{} c={}: statehouse {:.0} req/s vs tower-sessions {:.0} req/s = {:.2}x{ahead}; p99 {} vs {}",
                 ours.handler,
                 ours.concurrency,
                 ours.ops,
@@ -1044,19 +1126,24 @@ fn render(
     }
     let _ = writeln!(
         md,
-        "\n## Throughput and latency\n\nOne instance per side, in this process, on the same Redis; a closed loop of HTTP/1.1 clients (reqwest, keep-alive), each with a session of its own; {} warm-up, {} measured per side and round, {} rounds per cell on fresh instances, the side that goes first alternating round by round; a side's rounds are pooled. `read`: the handler reads one field; `write`: it sets one field. Both sides sign their session cookie (HMAC-SHA256; tower-sessions with `with_signed`), as statehouse-session always does.\n",
+        "\n## Throughput and latency\n\nOne instance per side, in this process, on the same Redis; a closed loop of HTTP/1.1 clients (reqwest, keep-alive), each with a session of its own; {} rounds per cell, each on fresh instances of both sides: {} warm-up of each, then the two sides measured in turn in slices of {} (the first {} of each unrecorded) until each has been measured for {} in that round, the side that goes first in a pair of slices alternating; a side's slices are pooled. This machine's speed drifts by up to a factor of two within minutes, so sides measured whole one after the other can land in different stretches of it; alternating slices keeps them in the same ones. `ahead` counts the pairs of slices in which statehouse-session served more requests. `read`: the handler reads one field; `write`: it sets one field. Both sides sign their session cookie (HMAC-SHA256; tower-sessions with `with_signed`), as statehouse-session always does.\n",
+        config.rounds,
         humantime(config.warmup),
+        humantime(SLICE),
+        humantime(SLICE_RAMP),
         humantime(config.duration),
-        config.rounds
     );
     let _ = writeln!(
         md,
-        "| handler | clients | side | req/s | p50 | p99 | errors |\n|---|---|---|---|---|---|---|"
+        "| handler | clients | side | req/s | p50 | p99 | errors | ahead |\n|---|---|---|---|---|---|---|---|"
     );
     for m in rows {
+        let ahead = m
+            .ahead
+            .map_or(String::new(), |a| format!("{} of {}", a.won, a.pairs));
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.0} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {ahead} |",
             m.handler,
             m.concurrency,
             m.side.label(),
