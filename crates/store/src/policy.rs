@@ -8,6 +8,7 @@
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lru::LruCache;
@@ -130,6 +131,11 @@ pub(crate) struct Breaker {
     config: BreakerConfig,
     // std Mutex: held for a few instructions, never across an await.
     state: Mutex<BreakerState>,
+    /// Whether `state` is `Closed` with no failure counted: then a call is
+    /// admitted, and a success changes nothing, without taking the lock, so
+    /// a healthy store's calls do not all pass through one lock. Written
+    /// only under the lock, after `state`.
+    healthy: AtomicBool,
 }
 
 /// Whether a call may go to the store.
@@ -145,6 +151,7 @@ impl Breaker {
         Breaker {
             config,
             state: Mutex::new(BreakerState::Closed { failures: 0 }),
+            healthy: AtomicBool::new(true),
         }
     }
 
@@ -155,6 +162,9 @@ impl Breaker {
     }
 
     pub(crate) fn admit(&self) -> Admit {
+        if self.healthy.load(Ordering::Acquire) {
+            return Admit::Yes;
+        }
         let mut state = self.lock();
         match *state {
             BreakerState::Closed { .. } => Admit::Yes,
@@ -167,7 +177,18 @@ impl Breaker {
     }
 
     pub(crate) fn record(&self, admitted: Admit, store_reachable: bool) {
+        if store_reachable && self.healthy.load(Ordering::Acquire) {
+            return;
+        }
         let mut state = self.lock();
+        self.transition(&mut state, admitted, store_reachable);
+        self.healthy.store(
+            matches!(*state, BreakerState::Closed { failures: 0 }),
+            Ordering::Release,
+        );
+    }
+
+    fn transition(&self, state: &mut BreakerState, admitted: Admit, store_reachable: bool) {
         if store_reachable {
             *state = BreakerState::Closed { failures: 0 };
             return;
@@ -288,6 +309,14 @@ mod tests {
         assert_eq!(b.admit(), Admit::Probe);
         b.record(Admit::Probe, true);
         assert_eq!(b.admit(), Admit::Yes, "successful probe closes");
+        // Closed again with no failure counted: a failure, then a success
+        // that resets the count, then one failure stays under the threshold.
+        b.record(Admit::Yes, false);
+        b.record(Admit::Yes, true);
+        b.record(Admit::Yes, false);
+        assert_eq!(b.admit(), Admit::Yes, "a success resets the count");
+        b.record(Admit::Yes, false);
+        assert_eq!(b.admit(), Admit::No, "two in a row open it");
     }
 
     #[tokio::test(start_paused = true)]
