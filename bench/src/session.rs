@@ -703,15 +703,15 @@ async fn sample(
 
 /// A throughput round measures the two sides in turn, in slices this long:
 /// this machine's speed drifts by a factor of two within minutes, and
-/// alternating slices of a quarter second puts both sides in the same
+/// alternating slices of a quarter second put both sides in the same
 /// stretches of it.
 const SLICE: Duration = Duration::from_millis(250);
 /// Unrecorded at the start of each slice, while the clients that just
 /// switched sides fill the pipeline again.
 const SLICE_RAMP: Duration = Duration::from_millis(25);
 
-/// One side of a throughput round: its instance, and its clients with their
-/// sessions and connections, kept from slice to slice.
+/// One side of a throughput round: its clients, with their sessions and
+/// connections, kept from slice to slice.
 struct Contender {
     workload: Arc<HttpCall>,
     workers: Vec<String>,
