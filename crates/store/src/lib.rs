@@ -18,6 +18,7 @@
 //! passes the same conformance suite (`conformance` feature).
 
 mod backend;
+mod deadline;
 mod error;
 mod policy;
 mod store;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::backend::Backend;
+use crate::deadline::Deadlines;
 use crate::error::{Result, StoreError, UnavailableKind};
 use crate::policy::{Breaker, OnStoreDown, Permit, Policy, Read, ReadState, StaleCache};
 use crate::types::{Condition, FieldMap, Limits, MapPatch, PatchOutcome, Versioned};
@@ -93,6 +94,7 @@ struct Inner {
     policy: Policy,
     breaker: Breaker,
     stale: Option<StaleCache<Cached>>,
+    deadlines: Deadlines,
 }
 
 /// A cheap-to-clone handle on one store. Every instance of a service opens
@@ -119,6 +121,7 @@ impl Store {
                 policy: config.policy,
                 breaker: Breaker::new(config.policy.breaker),
                 stale,
+                deadlines: Deadlines::new(),
             }),
         }
     }
@@ -285,7 +288,12 @@ impl Store {
                 "circuit breaker open after repeated failures",
             ));
         };
-        let result = match tokio::time::timeout(self.inner.policy.timeout, fut).await {
+        let result = match self
+            .inner
+            .deadlines
+            .bound(self.inner.policy.timeout, fut)
+            .await
+        {
             Ok(result) => result,
             Err(_) => Err(StoreError::unavailable(
                 self.describe(),
