@@ -285,6 +285,12 @@ impl Table {
 mod tests {
     use super::*;
 
+    impl Table {
+        fn all_free(&self) -> bool {
+            self.taken.iter().all(|w| w.0.load(Ordering::Acquire) == 0)
+        }
+    }
+
     #[tokio::test]
     async fn a_call_that_finishes_in_time_gives_its_output_and_its_slot_back() {
         let deadlines = Deadlines::new();
@@ -295,13 +301,7 @@ mod tests {
             })
             .await;
         assert_eq!(out, Ok(7));
-        assert!(
-            deadlines
-                .table
-                .taken
-                .iter()
-                .all(|w| w.0.load(Ordering::Acquire) == 0)
-        );
+        assert!(deadlines.table.all_free());
     }
 
     #[tokio::test]
@@ -318,13 +318,7 @@ mod tests {
         assert_eq!(out, Err(Elapsed));
         assert!(took >= Duration::from_millis(100), "{took:?}");
         assert!(took < Duration::from_millis(100) + TICK * 5, "{took:?}");
-        assert!(
-            deadlines
-                .table
-                .taken
-                .iter()
-                .all(|w| w.0.load(Ordering::Acquire) == 0)
-        );
+        assert!(deadlines.table.all_free());
     }
 
     #[tokio::test]
@@ -351,13 +345,7 @@ mod tests {
             .expect("every call woken by the deadline thread or its tokio timer");
         assert_eq!(timed_out, SLOTS + 10);
         assert!(started.elapsed() < Duration::from_millis(150) + TICK * 10);
-        assert!(
-            deadlines
-                .table
-                .taken
-                .iter()
-                .all(|w| w.0.load(Ordering::Acquire) == 0)
-        );
+        assert!(deadlines.table.all_free());
     }
 
     #[tokio::test]
@@ -369,12 +357,6 @@ mod tests {
         )
         .await;
         assert!(cut.is_err());
-        assert!(
-            deadlines
-                .table
-                .taken
-                .iter()
-                .all(|w| w.0.load(Ordering::Acquire) == 0)
-        );
+        assert!(deadlines.table.all_free());
     }
 }
