@@ -169,8 +169,13 @@ impl Deadlines {
             return tokio::time::timeout(left, fut).await.map_err(|_| Elapsed);
         };
         let slot = &self.table.slots[taken.index];
+        // `fut` was polled just now and has this task's waker: it need not
+        // be polled again until woken.
+        let mut polled = true;
         std::future::poll_fn(|cx| {
-            if let Poll::Ready(output) = fut.as_mut().poll(cx) {
+            if !std::mem::take(&mut polled)
+                && let Poll::Ready(output) = fut.as_mut().poll(cx)
+            {
                 return Poll::Ready(Ok(output));
             }
             {
